@@ -1,0 +1,1 @@
+"""Fakes and helpers shared by distllm's tests and by applications that embed distllm."""
