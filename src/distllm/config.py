@@ -87,9 +87,7 @@ class TransportConfig:
             self.max_datagram_size,
         )
         _require(self.connect_timeout > 0, "connect_timeout", "> 0", self.connect_timeout)
-        _require(
-            self.keepalive_interval > 0, "keepalive_interval", "> 0", self.keepalive_interval
-        )
+        _require(self.keepalive_interval > 0, "keepalive_interval", "> 0", self.keepalive_interval)
         _require(
             self.dead_peer_timeout > self.keepalive_interval,
             "dead_peer_timeout",
