@@ -1,0 +1,1 @@
+"""The ``distllm`` command line."""
