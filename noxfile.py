@@ -1,4 +1,4 @@
-"""Developer and CI tasks. `python3 -m nox` runs the default sessions: tests, lint, typecheck, imports."""
+"""Developer and CI tasks. `python3 -m nox` runs the default sessions (see nox.options)."""
 
 from __future__ import annotations
 
