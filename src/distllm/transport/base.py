@@ -21,13 +21,16 @@ Contract of an :class:`Endpoint`:
 
 Contract of a :class:`Stream` (an ``anyio.abc.ByteStream``):
 
-- ``send`` applies back-pressure: it waits while the stream's unacknowledged bytes exceed the send
-  window. ``send_eof`` half-closes our direction; the peer's ``receive`` then raises
+- ``send`` takes any bytes-like object (``bytes``, ``memoryview`` — tensors are not copied on the
+  way in) and applies back-pressure: it waits while the stream's unacknowledged bytes exceed the
+  send window. ``send_eof`` half-closes our direction; the peer's ``receive`` then raises
   ``anyio.EndOfStream`` after the buffered bytes.
 - ``receive`` returns at least one byte, raises ``anyio.EndOfStream`` after the peer half-closed,
   ``PeerGone`` if the connection died or the peer reset the stream, and
   ``anyio.ClosedResourceError`` if we closed it. A cancelled ``receive`` loses no bytes.
-- ``aclose`` is idempotent; on a stream not finished in both directions it sends a reset.
+- ``aclose`` is idempotent and works per direction: bytes we already finished with ``send_eof``
+  are still delivered; a direction not yet finished is reset (ours) or stopped (theirs).
+- On QUIC a stream reaches the peer's handler only once its first byte or FIN arrives.
 """
 
 from __future__ import annotations
