@@ -1,0 +1,243 @@
+"""Messages of the span RPCs: info, inference sessions, forward and backward (pure, L1).
+
+Methods (``docs/protocol.md`` §8):
+
+* ``span.info`` (unary): :class:`SpanInfoRequest` -> :class:`SpanInfo`.
+* ``span.inference`` (stream): :class:`InferenceOpen` -> :class:`InferenceOpened`, then any
+  number of :class:`InferenceStep` -> :class:`InferenceOutput`; the caller's end of stream
+  closes the session.
+* ``span.forward`` (unary): :class:`ForwardRequest` -> :class:`ForwardResponse`.
+* ``span.backward`` (unary): :class:`BackwardRequest` -> :class:`BackwardResponse`.
+
+Hidden states are ``[batch, tokens, hidden_size]`` in an activation dtype
+(:data:`ACTIVATION_DTYPES`). Deep prompts are ``[num_blocks, batch or 1, prompt_length,
+hidden_size]``: before block ``i`` of the span, ``prompts[i]`` is added to the hidden states at
+the absolute positions ``0 .. prompt_length-1``. Field values are checked on construction
+(``ValueError``; a peer's bad values make decoding raise ``RemoteProtocolError``); tensor shapes
+against a session or span are checked by :mod:`distllm.protocol.span_checks`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from distllm.wire.messages import message
+from distllm.wire.tensors import WireTensor, codecs_for
+
+__all__ = [
+    "ACTIVATION_DTYPES",
+    "METHOD_BACKWARD",
+    "METHOD_FORWARD",
+    "METHOD_INFERENCE",
+    "METHOD_INFO",
+    "BackwardRequest",
+    "BackwardResponse",
+    "ForwardRequest",
+    "ForwardResponse",
+    "InferenceOpen",
+    "InferenceOpened",
+    "InferenceOutput",
+    "InferenceStep",
+    "SpanInfo",
+    "SpanInfoRequest",
+]
+
+METHOD_INFO: Final = "span.info"
+METHOD_INFERENCE: Final = "span.inference"
+METHOD_FORWARD: Final = "span.forward"
+METHOD_BACKWARD: Final = "span.backward"
+
+#: dtypes hidden states, prompts and gradients may travel in.
+ACTIVATION_DTYPES: Final[tuple[str, ...]] = ("float32", "bfloat16", "float16")
+#: Longest model name (as in the DHT records).
+MAX_MODEL_NAME: Final = 256
+#: Length of a client's session id, in bytes.
+MAX_SESSION_ID: Final = 64
+
+
+def _check(condition: bool, field: str, rule: str, value: object) -> None:
+    if not condition:
+        raise ValueError(f"{field} must be {rule}, got {value!r}")
+
+
+def _check_target(model: str, start: int, end: int) -> None:
+    _check(0 < len(model) <= MAX_MODEL_NAME, "model", f"1..{MAX_MODEL_NAME} characters", model)
+    _check(start >= 0, "start", ">= 0", start)
+    _check(end > start, "end", "> start", end)
+
+
+def _check_dtype(field: str, dtype: str) -> None:
+    _check(dtype in ACTIVATION_DTYPES, field, f"one of {ACTIVATION_DTYPES}", dtype)
+
+
+def _check_codec(compression: str | None, dtype: str) -> None:
+    allowed = codecs_for(dtype)
+    _check(
+        compression is None or compression in allowed,
+        "compression",
+        f"None or one of {allowed} for {dtype}",
+        compression,
+    )
+
+
+@message("span.info.request")
+@dataclass(frozen=True, slots=True)
+class SpanInfoRequest:
+    """Ask a server what it holds and how loaded it is."""
+
+
+@message("span.info")
+@dataclass(frozen=True, slots=True)
+class SpanInfo:
+    """What a server holds, and its load right now."""
+
+    model: str
+    start: int  # first block served
+    end: int  # one past the last block served
+    dtype: str  # dtype of the weights and the KV cache ("float32", "bfloat16", ...)
+    hidden_size: int
+    version: str  # distllm version
+    free_cache_tokens: int  # tokens sessions can still grow by
+    total_cache_tokens: int
+    page_size: int  # tokens per KV page (memory is taken in these steps)
+    sessions: int  # inference sessions open now
+    max_sessions: int
+    queued_items: int  # steps and requests waiting for the compute thread
+    queued_tokens: int
+    max_length: int  # longest session a client may open
+    max_batch_size: int  # most rows per session
+    inference_rps: float | None  # measured throughput (tokens/s per block), None: unknown
+    forward_rps: float | None
+
+
+@message("span.inference.open")
+@dataclass(frozen=True, slots=True)
+class InferenceOpen:
+    """First message of a ``span.inference`` stream: the session the caller wants."""
+
+    model: str
+    start: int
+    end: int
+    max_length: int  # positions the session may reach (prompt and generated tokens)
+    batch_size: int  # rows (e.g. beams); every step carries all of them
+    session_id: bytes  # the caller's name for the session, 1..64 bytes (echoed, logged)
+    dtype: str  # activation dtype of the hidden states (and prompts), both ways
+    compression: str | None  # codec of the outputs; None: the server's default
+
+    def __post_init__(self) -> None:
+        _check_target(self.model, self.start, self.end)
+        _check(self.max_length >= 1, "max_length", ">= 1", self.max_length)
+        _check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        _check(
+            0 < len(self.session_id) <= MAX_SESSION_ID,
+            "session_id",
+            f"1..{MAX_SESSION_ID} bytes",
+            self.session_id,
+        )
+        _check_dtype("dtype", self.dtype)
+        _check_codec(self.compression, self.dtype)
+
+
+@message("span.inference.opened")
+@dataclass(frozen=True, slots=True)
+class InferenceOpened:
+    """The server's answer to :class:`InferenceOpen`: the session exists at position 0."""
+
+    session_id: bytes
+    max_length: int
+    batch_size: int
+    hidden_size: int
+    num_blocks: int
+    dtype: str  # activation dtype, as asked
+    compression: str  # the codec the outputs will use
+
+
+@message("span.inference.step")
+@dataclass(frozen=True, slots=True)
+class InferenceStep:
+    """Hidden states of ``n`` new tokens for every row, ``[batch_size, n, hidden_size]``.
+
+    ``start_from_position`` (default: the session's position) may roll the session back: the
+    new tokens take positions ``start .. start+n-1`` and everything after is forgotten.
+    ``hypo_ids`` (int64 ``[batch_size]``) reorders the rows' caches first: row ``i`` continues
+    from what row ``hypo_ids[i]`` held (beam search). ``prompts``: deep prompts (module doc).
+    """
+
+    hidden: WireTensor
+    start_from_position: int | None
+    hypo_ids: WireTensor | None
+    prompts: WireTensor | None
+    step_id: int  # chosen by the caller, echoed in the output
+
+    def __post_init__(self) -> None:
+        _check(
+            self.start_from_position is None or self.start_from_position >= 0,
+            "start_from_position",
+            "None or >= 0",
+            self.start_from_position,
+        )
+        _check(self.step_id >= 0, "step_id", ">= 0", self.step_id)
+
+
+@message("span.inference.output")
+@dataclass(frozen=True, slots=True)
+class InferenceOutput:
+    """The span's output for a step's tokens, ``[batch_size, n, hidden_size]``."""
+
+    hidden: WireTensor
+    position: int  # the session's position after the step
+    step_id: int
+
+
+@message("span.forward.request")
+@dataclass(frozen=True, slots=True)
+class ForwardRequest:
+    """Run the span over ``hidden`` ``[b, T, hidden_size]`` causally from position 0."""
+
+    model: str
+    start: int
+    end: int
+    hidden: WireTensor
+    prompts: WireTensor | None
+    compression: str | None  # codec of the output; None: the server's default
+
+    def __post_init__(self) -> None:
+        _check_target(self.model, self.start, self.end)
+        _check_dtype("hidden.dtype", self.hidden.dtype)
+        _check_codec(self.compression, self.hidden.dtype)
+
+
+@message("span.forward.response")
+@dataclass(frozen=True, slots=True)
+class ForwardResponse:
+    hidden: WireTensor  # [b, T, hidden_size], in the request's dtype
+
+
+@message("span.backward.request")
+@dataclass(frozen=True, slots=True)
+class BackwardRequest:
+    """Gradients of the span w.r.t. its inputs (and prompts), given those of its outputs.
+
+    The server recomputes the forward over ``hidden`` under autograd; weights stay frozen.
+    """
+
+    model: str
+    start: int
+    end: int
+    hidden: WireTensor  # the span's inputs [b, T, hidden_size]
+    grad_output: WireTensor  # d(loss)/d(outputs), same shape and dtype
+    prompts: WireTensor | None
+    compression: str | None
+
+    def __post_init__(self) -> None:
+        _check_target(self.model, self.start, self.end)
+        _check_dtype("hidden.dtype", self.hidden.dtype)
+        _check_codec(self.compression, self.hidden.dtype)
+
+
+@message("span.backward.response")
+@dataclass(frozen=True, slots=True)
+class BackwardResponse:
+    grad_inputs: WireTensor  # [b, T, hidden_size]
+    grad_prompts: WireTensor | None  # shaped like the request's prompts; None without them

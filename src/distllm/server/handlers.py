@@ -1,0 +1,248 @@
+"""The span RPC handlers: ``span.info``, ``span.inference``, ``span.forward``, ``span.backward``.
+
+Every request is validated before it reaches the compute loop; what breaks a rule gets a typed
+error (``WrongSpan``, ``InvalidTensor``, ``InvalidPosition``, ``LimitExceeded``, ``Busy``...,
+see ``docs/protocol.md`` §8) and touches nothing else. An inference session lives exactly as
+long as its stream handler: whichever way the handler ends -- the caller's end of stream, an
+error, an idle timeout, the caller vanishing, the server stopping -- its ``finally`` forgets the
+session and releases its pages (synchronously: nothing there can block or be cancelled).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+
+from distllm.errors import Busy, DeadlineExceeded, LimitExceeded, RemoteProtocolError
+from distllm.ids import PeerID
+from distllm.protocol.errors import WrongSpan
+from distllm.protocol.span_checks import SpanShape, check_backward, check_forward
+from distllm.protocol.span_messages import (
+    METHOD_BACKWARD,
+    METHOD_FORWARD,
+    METHOD_INFERENCE,
+    METHOD_INFO,
+    BackwardRequest,
+    BackwardResponse,
+    ForwardRequest,
+    ForwardResponse,
+    InferenceOpen,
+    InferenceOpened,
+    InferenceOutput,
+    InferenceStep,
+    SpanInfo,
+    SpanInfoRequest,
+)
+from distllm.protocol.span_session import SessionParams, SpanSession
+from distllm.rpc import RpcEndpoint, RpcStream
+from distllm.server.compute import ComputeLoop
+from distllm.server.config import ServerConfig
+from distllm.server.sessions import ServerSession, SessionRegistry
+from distllm.wire.tensors import codecs_for
+
+__all__ = ["ServedSpan", "SpanHandlers"]
+
+logger = logging.getLogger("distllm.server")
+
+#: ``retry_after`` suggested to callers of a server that is not serving (any more).
+_STOPPED_RETRY_AFTER = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServedSpan:
+    """What a server holds."""
+
+    model: str
+    start: int
+    end: int
+    hidden_size: int
+
+    @property
+    def shape(self) -> SpanShape:
+        return SpanShape(self.end - self.start, self.hidden_size)
+
+
+class SpanHandlers:
+    """Serves one span's RPC methods over an RPC endpoint."""
+
+    def __init__(
+        self,
+        served: ServedSpan,
+        config: ServerConfig,
+        compute: ComputeLoop,
+        sessions: SessionRegistry,
+        info: Callable[[], SpanInfo],
+    ) -> None:
+        self._served = served
+        self._config = config
+        self._compute = compute
+        self._sessions = sessions
+        self._info = info
+        #: Set when the server stops: every call is then refused with ``Busy``.
+        self.stopped = False
+
+    def register(self, rpc: RpcEndpoint) -> None:
+        rpc.add_unary(METHOD_INFO, self.info, SpanInfoRequest)
+        rpc.add_stream(METHOD_INFERENCE, self.inference)
+        rpc.add_unary(METHOD_FORWARD, self.forward, ForwardRequest)
+        rpc.add_unary(METHOD_BACKWARD, self.backward, BackwardRequest)
+
+    # -- unary ---------------------------------------------------------------------------------
+
+    async def info(self, caller: PeerID, request: SpanInfoRequest) -> SpanInfo:
+        self._require_serving()
+        return self._info()
+
+    async def forward(self, caller: PeerID, request: ForwardRequest) -> ForwardResponse:
+        self._require_serving()
+        self._check_target(request.model, request.start, request.end)
+        check_forward(request, self._served.shape)
+        self._check_request_size(request.hidden.shape)
+        compression = self._compression(request.compression, request.hidden.dtype)
+        response = await self._compute.train(request, compression)
+        if not isinstance(response, ForwardResponse):  # pragma: no cover - compute contract
+            raise TypeError(f"forward produced {type(response).__name__}")
+        return response
+
+    async def backward(self, caller: PeerID, request: BackwardRequest) -> BackwardResponse:
+        self._require_serving()
+        self._check_target(request.model, request.start, request.end)
+        check_backward(request, self._served.shape)
+        self._check_request_size(request.hidden.shape)
+        compression = self._compression(request.compression, request.hidden.dtype)
+        response = await self._compute.train(request, compression)
+        if not isinstance(response, BackwardResponse):  # pragma: no cover - compute contract
+            raise TypeError(f"backward produced {type(response).__name__}")
+        return response
+
+    # -- inference sessions --------------------------------------------------------------------
+
+    async def inference(self, stream: RpcStream) -> None:
+        """One session: open, steps, and the caller's end of stream closes it."""
+        self._require_serving()
+        config = self._config
+        opening: object = None
+        with anyio.move_on_after(config.session_idle_timeout):
+            try:
+                opening = await stream.receive()
+            except anyio.EndOfStream:
+                return
+        if opening is None:
+            raise DeadlineExceeded(f"no {InferenceOpen.__name__} within the idle timeout")
+        if not isinstance(opening, InferenceOpen):
+            raise RemoteProtocolError(
+                f"{METHOD_INFERENCE} starts with InferenceOpen, not {type(opening).__name__}"
+            )
+        self._require_serving()
+        session = self._admit(opening, stream.remote_peer)
+        logger.debug("%r opened: max_length %d", session, opening.max_length)
+        try:
+            with session.scope:
+                await self._serve_session(stream, session, opening)
+            if session.scope.cancelled_caught:
+                raise Busy("the server is shutting down", _STOPPED_RETRY_AFTER)
+        finally:
+            # Nothing here awaits: it runs to the end even in a cancelled task.
+            session.machine.fail()
+            self._sessions.forget(session)
+            self._compute.release(session.key)
+            logger.debug("%r ended at position %d", session, session.machine.position)
+
+    def _admit(self, opening: InferenceOpen, peer: PeerID) -> ServerSession:
+        self._check_target(opening.model, opening.start, opening.end)
+        config = self._config
+        if opening.max_length > config.max_length:
+            raise LimitExceeded(
+                f"max_length {opening.max_length} exceeds this server's {config.max_length}"
+            )
+        if opening.batch_size > config.max_batch_size:
+            raise LimitExceeded(
+                f"batch_size {opening.batch_size} exceeds this server's {config.max_batch_size}"
+            )
+        params = SessionParams(
+            opening.max_length, opening.batch_size, opening.dtype, self._served.shape
+        )
+        compression = self._compression(opening.compression, opening.dtype)
+        return self._sessions.admit(opening.session_id, peer, SpanSession(params), compression)
+
+    async def _serve_session(
+        self, stream: RpcStream, session: ServerSession, opening: InferenceOpen
+    ) -> None:
+        machine, config = session.machine, self._config
+        await self._send(
+            stream,
+            InferenceOpened(
+                opening.session_id,
+                opening.max_length,
+                opening.batch_size,
+                self._served.hidden_size,
+                self._served.end - self._served.start,
+                opening.dtype,
+                session.compression,
+            ),
+        )
+        while True:
+            message: object = None
+            with anyio.move_on_after(config.session_idle_timeout):
+                try:
+                    message = await stream.receive()
+                except anyio.EndOfStream:
+                    machine.close()
+                    return
+            if message is None:
+                raise DeadlineExceeded(
+                    f"session idle for {config.session_idle_timeout:g} s: closed"
+                )
+            if not isinstance(message, InferenceStep):
+                raise RemoteProtocolError(
+                    f"a session takes InferenceStep messages, not {type(message).__name__}"
+                )
+            plan = machine.receive_step(message)
+            if plan.total_tokens > config.max_step_tokens:
+                raise LimitExceeded(
+                    f"a step of {plan.batch_size}x{plan.num_tokens} tokens exceeds this "
+                    f"server's max_step_tokens {config.max_step_tokens}"
+                )
+            hidden = await self._compute.infer(
+                session.key, message, plan, machine.params.dtype, session.compression
+            )
+            machine.complete_step(plan)
+            await self._send(stream, InferenceOutput(hidden, machine.position, plan.step_id))
+
+    async def _send(self, stream: RpcStream, message: object) -> None:
+        with anyio.move_on_after(self._config.step_timeout) as scope:
+            await stream.send(message)
+        if scope.cancelled_caught:
+            raise DeadlineExceeded(f"the caller took no output for {self._config.step_timeout:g} s")
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def _require_serving(self) -> None:
+        if self.stopped:
+            raise Busy("this server is not serving", _STOPPED_RETRY_AFTER)
+
+    def _check_target(self, model: str, start: int, end: int) -> None:
+        served = self._served
+        if model != served.model or (start, end) != (served.start, served.end):
+            raise WrongSpan(
+                f"this server holds blocks [{served.start}, {served.end}) of {served.model!r}; "
+                f"asked for [{start}, {end}) of {model[:100]!r}"
+            )
+
+    def _check_request_size(self, shape: tuple[int, ...]) -> None:
+        tokens = shape[0] * shape[1]
+        if tokens > self._config.max_request_tokens:
+            raise LimitExceeded(
+                f"{shape[0]}x{shape[1]} tokens exceed this server's max_request_tokens "
+                f"{self._config.max_request_tokens}"
+            )
+
+    def _compression(self, asked: str | None, dtype: str) -> str:
+        """The codec of outputs: the caller's choice, else ours where it fits ``dtype``."""
+        if asked is not None:
+            return asked
+        default = self._config.compression
+        return default if default in codecs_for(dtype) else "none"
