@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["RpcConfig", "TransportConfig", "WireLimits"]
+__all__ = ["DHTConfig", "RpcConfig", "TransportConfig", "WireLimits"]
 
 MiB = 1024 * 1024
 
@@ -139,4 +139,94 @@ class RpcConfig:
             "max_concurrent_calls_per_peer",
             ">= 1",
             self.max_concurrent_calls_per_peer,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DHTConfig:
+    """Settings of a DHT node (``distllm.dht.node.DHTNode``)."""
+
+    #: Bucket size of the routing table, and how many closest peers a lookup converges on.
+    k: int = 20
+    #: Queries one lookup keeps in flight at once.
+    alpha: int = 3
+    #: How many of the nodes closest to a key each ``store`` writes to. 5: with a fifth of the
+    #: nodes gone at once, a key is lost only if all 5 holders are among them (0.2**5 = 0.03%).
+    replication: int = 5
+    #: A ``get`` stops once this many nodes returned entries (their entries are merged);
+    #: ``None``: ask all of the ``k`` closest (most complete, about twice the messages).
+    get_quorum: int | None = 3
+    #: Deadline, in seconds, of each call to a peer; a peer that misses it is charged a failure.
+    call_timeout: float = 3.0
+    #: Deadline, in seconds, of a whole lookup; at the deadline it returns what it has.
+    lookup_timeout: float = 20.0
+    #: Lookups or stores one ``get_many``/``store_many`` (or refresh) runs at once by default.
+    parallelism: int = 16
+    #: Seconds between runs of the background task (purge, bucket refresh, republish).
+    maintenance_interval: float = 30.0
+    #: A bucket no lookup went through for this many seconds is refreshed (random lookup in it).
+    refresh_interval: float = 600.0
+    #: Records held for others and not re-stored for this many seconds are pushed again to the
+    #: nodes now closest to their key (0: never). Their owners re-store them anyway.
+    republish_interval: float = 600.0
+    #: After a ``get``, store what was found at the nearest node asked that lacked it.
+    cache_on_get: bool = True
+    #: Largest record value accepted, in bytes.
+    max_value_bytes: int = 16 * 1024
+    #: Seconds from now a record's expiration may lie at most (absorbs clock skew too).
+    max_ttl: float = 3600.0
+    #: Most records (entries) this node keeps for the swarm.
+    max_records: int = 100_000
+    #: Most bytes of records this node keeps for the swarm.
+    max_record_bytes: int = 64 * MiB
+    #: Most subkeys (owners) one key may have in this node's store.
+    max_subkeys_per_key: int = 1024
+
+    def __post_init__(self) -> None:
+        _require(self.k >= 1, "k", ">= 1", self.k)
+        _require(1 <= self.alpha <= self.k, "alpha", "in 1..k", self.alpha)
+        _require(1 <= self.replication <= self.k, "replication", "in 1..k", self.replication)
+        _require(
+            self.get_quorum is None or self.get_quorum >= 1,
+            "get_quorum",
+            "None or >= 1",
+            self.get_quorum,
+        )
+        _require(self.call_timeout > 0, "call_timeout", "> 0", self.call_timeout)
+        _require(
+            self.lookup_timeout >= self.call_timeout,
+            "lookup_timeout",
+            ">= call_timeout",
+            self.lookup_timeout,
+        )
+        _require(self.parallelism >= 1, "parallelism", ">= 1", self.parallelism)
+        _require(
+            self.maintenance_interval > 0,
+            "maintenance_interval",
+            "> 0",
+            self.maintenance_interval,
+        )
+        _require(self.refresh_interval > 0, "refresh_interval", "> 0", self.refresh_interval)
+        _require(
+            self.republish_interval >= 0,
+            "republish_interval",
+            ">= 0",
+            self.republish_interval,
+        )
+        _require(self.max_value_bytes >= 1, "max_value_bytes", ">= 1", self.max_value_bytes)
+        _require(
+            self.max_ttl > 0 and self.max_ttl < float("inf"),
+            "max_ttl",
+            "finite and > 0",
+            self.max_ttl,
+        )
+        _require(self.max_records >= 1, "max_records", ">= 1", self.max_records)
+        _require(
+            self.max_record_bytes >= 1024, "max_record_bytes", ">= 1024", self.max_record_bytes
+        )
+        _require(
+            self.max_subkeys_per_key >= 1,
+            "max_subkeys_per_key",
+            ">= 1",
+            self.max_subkeys_per_key,
         )

@@ -8,14 +8,14 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from distllm.cli import identity_cmd
+from distllm.cli import dht_cmd, identity_cmd
 
 __all__ = ["build_parser", "main"]
 
 Runner = Callable[[argparse.Namespace], int]
 _SUBCOMMANDS: tuple[
     tuple[str, Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]], ...
-] = (("identity", identity_cmd.register),)
+] = (("identity", identity_cmd.register), ("dht", dht_cmd.register))
 
 
 def build_parser() -> argparse.ArgumentParser:
