@@ -98,6 +98,11 @@ class RpcEndpoint:
         """Serve ``method`` as a message stream; ``handler`` returning ends the call."""
         self._add(method, StreamMethod(handler))
 
+    def remove(self, method: str) -> None:
+        """Stop serving ``method`` (calls already running finish; new ones get UnknownMethod).
+        A service that restarts on the same endpoint (a server moving its span) needs this."""
+        self._methods.pop(method, None)
+
     def _add(self, name: str, method: UnaryMethod | StreamMethod) -> None:
         if name in self._methods:
             raise ValueError(f"method {name!r} is already registered")

@@ -79,6 +79,11 @@ class Announcer:
         self._state = state
         self._wake.set()
 
+    async def switch(self, state: ServerState) -> None:
+        """Switch state and announce it before returning (failures are logged, not raised)."""
+        self._state = state
+        await self._announce_logged()
+
     async def announce(self) -> int:
         """Store the current records once; returns the fewest replicas any entry reached."""
         expiration = time.time() + self.ttl

@@ -84,6 +84,10 @@ class SpanHandlers:
         #: Set when the server stops: every call is then refused with ``Busy``.
         self.stopped = False
 
+    def unregister(self, rpc: RpcEndpoint) -> None:
+        for method in (METHOD_INFO, METHOD_INFERENCE, METHOD_FORWARD, METHOD_BACKWARD):
+            rpc.remove(method)
+
     def register(self, rpc: RpcEndpoint) -> None:
         rpc.add_unary(METHOD_INFO, self.info, SpanInfoRequest)
         rpc.add_stream(METHOD_INFERENCE, self.inference)

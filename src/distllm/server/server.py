@@ -237,7 +237,7 @@ class Server:
     ) -> bool | None:
         task_group, handlers, sessions = self._task_group, self._handlers, self._sessions
         assert task_group is not None and handlers is not None and sessions is not None
-        handlers.stopped = True
+        handlers.stopped = True  # calls arriving while we drain get Busy
         with anyio.CancelScope(shield=True), anyio.move_on_after(_STOP_TIMEOUT):
             sessions.cancel_all()
             await sessions.wait_drained()
@@ -247,5 +247,8 @@ class Server:
         finally:
             # The compute loop is done: no thread touches the cache any more.
             self.backend.release_all()
+            # Gone for good: later calls get UnknownMethod, and a new Server (a span move)
+            # can register on the same endpoint.
+            handlers.unregister(self._rpc)
             logger.info("stopped serving blocks [%d, %d)", self._start, self._end)
         return suppress
