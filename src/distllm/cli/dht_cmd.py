@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
-import socket
 import sys
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from distllm.cli.common import concrete_host, write_atomically
 
 if TYPE_CHECKING:  # imported when the command runs: `distllm --help` stays fast
     from distllm.config import TransportConfig
@@ -23,7 +22,6 @@ _log = logging.getLogger("distllm.cli.dht")
 
 #: Seconds between the status lines the node logs.
 STATUS_INTERVAL = 60.0
-_WILDCARDS = {"0.0.0.0": socket.AF_INET, "::": socket.AF_INET6}
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -121,7 +119,7 @@ async def _run_node(
     from distllm.ids import PeerAddress
 
     listening = rpc.address
-    host = args.public_host or _concrete_host(listening.host)
+    host = args.public_host or concrete_host(listening.host)
     public = PeerAddress(identity.peer_id, host, listening.port)
     if host != listening.host:
         print(
@@ -133,7 +131,7 @@ async def _run_node(
     async with DHTNode(rpc, identity, initial_peers=initial, public_address=public) as node:
         print(public, flush=True)
         if args.address_file is not None:
-            _write_atomically(args.address_file, f"{public}\n")
+            write_atomically(args.address_file, f"{public}\n")
         while True:
             _log.info(
                 "DHT node %s: %d peers, %d records",
@@ -142,29 +140,3 @@ async def _run_node(
                 node.record_count,
             )
             await anyio.sleep(STATUS_INTERVAL)
-
-
-def _concrete_host(host: str) -> str:
-    """``host``, or for a wildcard this machine's primary IP (loopback if it has none)."""
-    family = _WILDCARDS.get(host)
-    if family is None:
-        return host
-    probe = ("10.255.255.255", 1) if family == socket.AF_INET else ("fd00::1", 1)
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as sock:
-            sock.connect(probe)  # UDP connect sends nothing; it picks the outgoing interface
-            return str(sock.getsockname()[0])
-    except OSError:
-        return "127.0.0.1" if family == socket.AF_INET else "::1"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Readers never see a half-written file: write a temporary one, then rename it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

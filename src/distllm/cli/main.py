@@ -8,14 +8,14 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from distllm.cli import dht_cmd, identity_cmd
+from distllm.cli import dht_cmd, identity_cmd, serve_cmd
 
 __all__ = ["build_parser", "main"]
 
 Runner = Callable[[argparse.Namespace], int]
 _SUBCOMMANDS: tuple[
     tuple[str, Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]], ...
-] = (("identity", identity_cmd.register), ("dht", dht_cmd.register))
+] = (("identity", identity_cmd.register), ("dht", dht_cmd.register), ("serve", serve_cmd.register))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.log_level != "DEBUG":
+        # aioquic logs every stream reset and handshake at INFO: noise for an operator.
+        logging.getLogger("quic").setLevel(logging.WARNING)
     runner: Runner = args.run
     try:
         return runner(args)
