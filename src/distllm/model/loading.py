@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from distllm.model.checkpoint import Checkpoint
 from distllm.model.families import Family, get_family
+from distllm.model.quantize import check_quantizable, quantize_linears
 from distllm.model.span import SpanModel
 
 __all__ = ["ClientParts", "load_client_parts", "load_config", "load_span"]
@@ -55,8 +56,14 @@ def load_span(
     end: int,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    quant: str = "none",
 ) -> SpanModel:
-    """Load blocks ``[start, end)`` of the checkpoint at ``path``, reading only their tensors."""
+    """Load blocks ``[start, end)`` of the checkpoint at ``path``, reading only their tensors.
+
+    ``quant`` (``"none"``, ``"int8"``, ``"nf4"``) quantizes the blocks' linear layers with
+    bitsandbytes (:mod:`distllm.model.quantize`), computing in ``dtype``; layers it cannot take
+    raise :class:`~distllm.model.quantize.UnsupportedQuantization` before any weight is read.
+    """
     config = load_config(path)
     family = get_family(config)
     num_layers = int(config.num_hidden_layers)
@@ -69,6 +76,7 @@ def load_span(
     for index in range(start, end):
         with torch.device("meta"):
             block = family.make_layer(config, index)
+        check_quantizable(block, quant, where=f"block {index}: ")
         prefix = _block_prefix(family, checkpoint, index)
         sources = {local: family.source(local, prefix, available) for local in block.state_dict()}
         read = checkpoint.read({n for s in sources.values() for n in s.names}, dtype)
@@ -76,7 +84,7 @@ def load_span(
             local: source.combine([read[n] for n in source.names]).to(device)
             for local, source in sources.items()
         }
-        blocks.append(_materialize(block, tensors))
+        blocks.append(quantize_linears(_materialize(block, tensors), quant, dtype))
     positional = family.make_positional(config)
     if positional is not None:
         positional = positional.to(device)

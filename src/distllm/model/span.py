@@ -87,7 +87,8 @@ class SpanModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.blocks.parameters()).dtype
+        # The compute dtype: quantized weights (int8/uint8, see quantize.py) are not it.
+        return next(p.dtype for p in self.blocks.parameters() if p.is_floating_point())
 
     @property
     def device(self) -> torch.device:

@@ -7,10 +7,13 @@ from dataclasses import dataclass
 
 from distllm.wire.codecs import CODECS
 
-__all__ = ["WEIGHT_DTYPES", "ServerConfig"]
+__all__ = ["QUANTIZATIONS", "WEIGHT_DTYPES", "ServerConfig"]
 
 #: dtypes a span's weights and KV cache may be held in.
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+#: Weight quantizations (``distllm.model.quantize.QUANT_MODES``; kept here so that reading a
+#: config does not import torch).
+QUANTIZATIONS = ("none", "int8", "nf4")
 
 
 def _require(condition: bool, field: str, rule: str, value: object) -> None:
@@ -24,6 +27,10 @@ class ServerConfig:
 
     #: dtype of the weights and of the KV cache.
     dtype: str = "float32"
+    #: Weight quantization of the span's linear layers through bitsandbytes (``pip install
+    #: distllm[quant]``): ``"none"``, ``"int8"`` (LLM.int8()) or ``"nf4"`` (4-bit NormalFloat;
+    #: needs layer sizes bitsandbytes' CPU kernel takes, checked on load). Computed in ``dtype``.
+    quant: str = "none"
     #: KV cache size in tokens (per block of the span; every session row's tokens count).
     cache_tokens: int = 8192
     #: A memory budget for the KV cache in bytes; when set it replaces ``cache_tokens``.
@@ -74,6 +81,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         _require(self.dtype in WEIGHT_DTYPES, "dtype", f"one of {WEIGHT_DTYPES}", self.dtype)
+        _require(self.quant in QUANTIZATIONS, "quant", f"one of {QUANTIZATIONS}", self.quant)
         _require(self.page_size >= 1, "page_size", ">= 1", self.page_size)
         _require(
             self.cache_tokens >= self.page_size,

@@ -178,7 +178,13 @@ class Server:
         config = self.config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        span = load_span(self._path, self._start, self._end, dtype=TORCH_DTYPES[config.dtype])
+        span = load_span(
+            self._path,
+            self._start,
+            self._end,
+            dtype=TORCH_DTYPES[config.dtype],
+            quant=config.quant,
+        )
         if config.cache_bytes is not None:
             pages = PagedKVCache.pages_for_bytes(span, config.cache_bytes, config.page_size)
             if pages < 1:

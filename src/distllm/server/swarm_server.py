@@ -266,7 +266,7 @@ class SwarmServer:
             forward_rps=_finite(self._rates.forward_rps),
             free_cache_tokens=free,
             dtype=self.server_config.dtype,
-            quantization=None,
+            quantization=None if self.server_config.quant == "none" else self.server_config.quant,
             adapters=(),
             version=self._server.info().version if self._server is not None else "unknown",
         )
