@@ -86,3 +86,14 @@ async def test_rebalancing_moves_to_an_uncovered_span(llama: Path) -> None:
                 if ServerState.ONLINE in states:
                     break
                 await anyio.sleep(0.05)
+
+
+async def test_a_killed_server_leaves_the_swarm_running(llama: Path) -> None:
+    async with local_swarm(llama, [(0, 4), (0, 4)]) as swarm:
+        swarm.kill(0)  # its OFFLINE announcement cannot get out: must not take the swarm down
+        await anyio.sleep(0.2)
+        found = await swarm.bootstrap.get("tiny-llama/0")
+        states = {
+            decode_server_entry(e).peer_id: decode_server_entry(e).state for e in found.values()
+        }
+        assert states[swarm.servers[1].peer_id] is ServerState.ONLINE

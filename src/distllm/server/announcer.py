@@ -114,14 +114,20 @@ class Announcer:
     async def _announce_logged(self) -> None:
         try:
             await self.announce()
-        except (DistllmError, TimeoutError) as exc:
+        except* (DistllmError, TimeoutError) as group:
             # The DHT being briefly unreachable must not stop serving; retry next period.
-            logger.warning("announcement failed (%s); retrying in %.0f s", exc, self.period)
+            # (``except*``: failures of concurrent stores arrive as an exception group.)
+            logger.warning(
+                "announcement failed (%s); retrying in %.0f s", group.exceptions[0], self.period
+            )
 
     async def _withdraw(self) -> None:
         self._state = ServerState.OFFLINE
         with anyio.CancelScope(shield=True), anyio.move_on_after(min(3.0, self._store_timeout)):
             try:
                 await self.announce()
-            except (DistllmError, TimeoutError) as exc:
-                logger.info("could not announce OFFLINE (%s); the records will expire", exc)
+            except* (DistllmError, TimeoutError) as group:
+                logger.info(
+                    "could not announce OFFLINE (%s); the records will expire",
+                    group.exceptions[0],
+                )
