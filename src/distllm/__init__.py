@@ -6,6 +6,9 @@ and torch is not imported until a model is touched.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from distllm import errors
 from distllm.config import RpcConfig, TransportConfig, WireLimits
 from distllm.errors import (
@@ -24,22 +27,35 @@ from distllm.errors import (
 from distllm.identity import Identity
 from distllm.ids import PeerAddress, PeerID
 
+if TYPE_CHECKING:
+    from distllm.client import Client, ClientConfig, NoRouteError, RouteFailedError
+
+# The Hugging Face face (imports transformers too), lazily like the client names below.
+if TYPE_CHECKING:
+    from distllm.client.hf import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
+
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AutoDistributedModelForCausalLM",
     "Busy",
+    "Client",
+    "ClientConfig",
     "ConnectError",
     "DeadlineExceeded",
     "DistllmError",
+    "DistributedModelForCausalLM",
     "Identity",
     "LimitExceeded",
     "LocalProtocolError",
+    "NoRouteError",
     "PeerAddress",
     "PeerGone",
     "PeerID",
     "PeerIdentityMismatch",
     "RemoteError",
     "RemoteProtocolError",
+    "RouteFailedError",
     "RpcConfig",
     "TransportConfig",
     "TransportError",
@@ -47,3 +63,28 @@ __all__ = [
     "__version__",
     "errors",
 ]
+
+#: Names imported on first use (they pull in torch), and the module that defines each.
+_LAZY = {
+    "Client": "distllm.client",
+    "ClientConfig": "distllm.client",
+    "NoRouteError": "distllm.client",
+    "RouteFailedError": "distllm.client",
+}
+
+# The Hugging Face face: a block of its own.
+_LAZY.update(
+    {
+        "AutoDistributedModelForCausalLM": "distllm.client.hf",
+        "DistributedModelForCausalLM": "distllm.client.hf",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    home = _LAZY.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value

@@ -8,14 +8,20 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from distllm.cli import dht_cmd, identity_cmd, serve_cmd
+from distllm.cli import demo_cmd, dht_cmd, generate_cmd, identity_cmd, serve_cmd
 
 __all__ = ["build_parser", "main"]
 
 Runner = Callable[[argparse.Namespace], int]
 _SUBCOMMANDS: tuple[
     tuple[str, Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]], ...
-] = (("identity", identity_cmd.register), ("dht", dht_cmd.register), ("serve", serve_cmd.register))
+] = (
+    ("identity", identity_cmd.register),
+    ("dht", dht_cmd.register),
+    ("serve", serve_cmd.register),
+    ("generate", generate_cmd.register),
+    ("demo", demo_cmd.register),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,61 @@
-"""L5 client: the swarm view, route planning and peer bans (pure cores, today).
+"""L5 client: fault-tolerant inference sessions and remote forward/backward over the swarm.
 
-``swarm`` turns verified DHT announcements into the servers a client may route through,
-``planner`` picks routes over them (latency for inference, throughput for forward/backward),
-and ``bans`` keeps failed peers out of routes for a growing while. The async client that runs
-sessions over these routes builds on them.
+Public names (imported on first use, so that the pure routing cores -- ``swarm``, ``planner``,
+``bans``, ``routes`` -- stay importable without torch):
+
+- :class:`Client` -- a peer of the swarm (transport, RPC, DHT node in client mode);
+- :class:`RemoteModel` -- a model's local parts and routing state (``client.model(...)``);
+- :class:`InferenceSession` -- a session through a chain of servers, with failover;
+- :class:`ClientConfig`, the errors :class:`NoRouteError` and :class:`RouteFailedError`, and the
+  session events :class:`RouteChanged`, :class:`HopFailed`, :class:`SessionStats`.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from distllm.client.client import Client
+    from distllm.client.config import ClientConfig
+    from distllm.client.errors import NoRouteError
+    from distllm.client.events import HopFailed, RouteChanged, SessionStats
+    from distllm.client.failures import RouteFailedError
+    from distllm.client.model import RemoteModel
+    from distllm.client.planner import RouteHop
+    from distllm.client.session import InferenceSession
+
+__all__ = [
+    "Client",
+    "ClientConfig",
+    "HopFailed",
+    "InferenceSession",
+    "NoRouteError",
+    "RemoteModel",
+    "RouteChanged",
+    "RouteFailedError",
+    "RouteHop",
+    "SessionStats",
+]
+
+_HOMES = {
+    "Client": "client",
+    "ClientConfig": "config",
+    "HopFailed": "events",
+    "InferenceSession": "session",
+    "NoRouteError": "errors",
+    "RemoteModel": "model",
+    "RouteChanged": "events",
+    "RouteFailedError": "failures",
+    "RouteHop": "planner",
+    "SessionStats": "events",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value

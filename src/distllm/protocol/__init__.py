@@ -12,6 +12,7 @@ from distllm.protocol.span_checks import (
     check_forward,
     check_hidden,
     check_hypo_ids,
+    check_padding,
     check_prompts,
 )
 from distllm.protocol.span_messages import (
@@ -62,5 +63,6 @@ __all__ = [
     "check_forward",
     "check_hidden",
     "check_hypo_ids",
+    "check_padding",
     "check_prompts",
 ]

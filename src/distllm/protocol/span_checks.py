@@ -3,7 +3,8 @@
 Only metadata is read (dtype, shape), except for ``hypo_ids`` whose values matter. Whether
 float values are finite is checked where they are decoded (the server's compute thread).
 Every function raises :class:`~distllm.protocol.errors.InvalidTensor` naming the tensor, what
-was expected and what came.
+was expected and what came -- except :func:`check_padding`, whose counts are positions
+(:class:`~distllm.protocol.errors.InvalidPosition`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distllm.protocol.errors import InvalidTensor
+from distllm.protocol.errors import InvalidPosition, InvalidTensor
 from distllm.protocol.span_messages import BackwardRequest, ForwardRequest
 from distllm.wire.tensors import WireTensor
 
@@ -22,6 +23,7 @@ __all__ = [
     "check_forward",
     "check_hidden",
     "check_hypo_ids",
+    "check_padding",
     "check_prompts",
 ]
 
@@ -87,6 +89,18 @@ def check_hypo_ids(t: WireTensor, batch: int) -> tuple[int, ...] | None:
         raise InvalidTensor(f"hypo_ids must lie in 0..{batch - 1}, got {values.tolist()[:16]}")
     order = tuple(int(v) for v in values)
     return None if np.array_equal(values, np.arange(batch)) else order
+
+
+def check_padding(padding: tuple[int, ...], batch: int, max_length: int) -> tuple[int, ...] | None:
+    """Leading pad tokens per row: ``batch`` counts in ``0 .. max_length - 1`` (every row keeps
+    room for a token); ``None`` when there is no padding at all."""
+    if len(padding) != batch:
+        raise InvalidPosition(f"padding has {len(padding)} counts; the session has {batch} rows")
+    if max(padding) >= max_length:  # counts are >= 0 (checked on decoding)
+        raise InvalidPosition(
+            f"padding {max(padding)} leaves no room in the session's max_length {max_length}"
+        )
+    return padding if any(padding) else None
 
 
 def check_forward(request: ForwardRequest, span: SpanShape) -> None:

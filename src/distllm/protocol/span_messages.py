@@ -162,6 +162,10 @@ class InferenceStep:
     new tokens take positions ``start .. start+n-1`` and everything after is forgotten.
     ``hypo_ids`` (int64 ``[batch_size]``) reorders the rows' caches first: row ``i`` continues
     from what row ``hypo_ids[i]`` held (beam search). ``prompts``: deep prompts (module doc).
+    ``padding`` (one count per row): row ``r``'s first ``padding[r]`` session positions are
+    left padding -- not computed, not cached, zeros in the output; its token at session
+    position ``q`` sits at position ``q - padding[r]`` of its own sequence. A step from position
+    0 may set it; later steps repeat it or send ``None`` (:mod:`distllm.protocol.span_session`).
     """
 
     hidden: WireTensor
@@ -169,6 +173,7 @@ class InferenceStep:
     hypo_ids: WireTensor | None
     prompts: WireTensor | None
     step_id: int  # chosen by the caller, echoed in the output
+    padding: tuple[int, ...] | None = None  # leading pad tokens per row; None: unchanged
 
     def __post_init__(self) -> None:
         _check(
@@ -178,6 +183,12 @@ class InferenceStep:
             self.start_from_position,
         )
         _check(self.step_id >= 0, "step_id", ">= 0", self.step_id)
+        _check(
+            self.padding is None or (len(self.padding) > 0 and min(self.padding) >= 0),
+            "padding",
+            "None or a non-empty tuple of counts >= 0",
+            self.padding,
+        )
 
 
 @message("span.inference.output")

@@ -6,6 +6,14 @@ where ``start`` (``start_from_position``, default ``position``) may be *smaller*
 ``position`` -- a rollback: the tokens from ``start`` on are forgotten -- but never larger, and
 ``start + n`` may not exceed ``max_length``. One step is in flight at a time.
 
+Left padding (batches of prompts of different lengths): ``padding[r]`` leading positions of row
+``r`` are pad tokens that the server neither computes nor caches; the row's token at session
+position ``q`` is at position ``q - padding[r]`` of its own sequence. A session starts without
+padding. A step that starts at position 0 may set it (it replaces the session's padding; replay
+after a failover sends it again); any other step must send ``None`` or the session's padding
+unchanged (``InvalidPosition`` otherwise). Rows only continue rows of equal padding: with
+``hypo_ids``, ``padding[hypo_ids[i]] == padding[i]`` (``InvalidTensor`` otherwise).
+
 Following h11, the side that breaks a rule decides the error: the server *receives* steps
 (:meth:`SpanSession.receive_step`: the peer's fault, a
 :class:`~distllm.protocol.errors.SpanRequestError`, and the session moves to ``ERROR``), the
@@ -22,8 +30,14 @@ import enum
 from dataclasses import dataclass
 
 from distllm.errors import LocalProtocolError, RemoteProtocolError
-from distllm.protocol.errors import InvalidPosition, SpanRequestError
-from distllm.protocol.span_checks import SpanShape, check_hidden, check_hypo_ids, check_prompts
+from distllm.protocol.errors import InvalidPosition, InvalidTensor, SpanRequestError
+from distllm.protocol.span_checks import (
+    SpanShape,
+    check_hidden,
+    check_hypo_ids,
+    check_padding,
+    check_prompts,
+)
 from distllm.protocol.span_messages import ACTIVATION_DTYPES, InferenceOutput, InferenceStep
 
 __all__ = ["SessionParams", "SessionState", "SpanSession", "StepPlan"]
@@ -63,6 +77,11 @@ class StepPlan:
     batch_size: int
     hypo_ids: tuple[int, ...] | None  # row i continues row hypo_ids[i]; None: no reordering
     prompt_length: int  # deep prompts cover positions 0..prompt_length-1; 0: no prompts
+    padding: tuple[int, ...] | None = None  # the session's padding once the step runs
+
+    def row_padding(self, row: int) -> int:
+        """Leading pad positions of ``row``."""
+        return 0 if self.padding is None else self.padding[row]
 
     @property
     def end(self) -> int:
@@ -83,6 +102,8 @@ class SpanSession:
         self.state = SessionState.OPEN
         # Invariant: 0 <= position <= params.max_length.
         self.position = 0
+        # Leading pad positions per row; None: none. Changes only with a step from position 0.
+        self.padding: tuple[int, ...] | None = None
         # Invariant: set only while OPEN; at most one step in flight.
         self._in_flight: StepPlan | None = None
 
@@ -110,6 +131,7 @@ class SpanSession:
         if self.state is not SessionState.OPEN or plan is not self._in_flight:
             raise LocalProtocolError(f"step {plan.step_id} is not the step in flight")
         self.position = plan.end
+        self.padding = plan.padding
         self._in_flight = None
 
     # -- client side --------------------------------------------------------------------------
@@ -141,6 +163,7 @@ class SpanSession:
             self.fail()
             raise RemoteProtocolError(problem or "unexpected output")
         self.position = plan.end
+        self.padding = plan.padding
         self._in_flight = None
 
     # -- either side --------------------------------------------------------------------------
@@ -196,7 +219,25 @@ class SpanSession:
                 batch=params.batch_size,
                 max_length=params.max_length,
             )
-        return StepPlan(step.step_id, start, n, params.batch_size, hypo_ids, prompt_length)
+        padding = self._padding(step, start)
+        if (
+            hypo_ids is not None
+            and padding is not None
+            and any(padding[source] != padding[row] for row, source in enumerate(hypo_ids))
+        ):
+            raise InvalidTensor("hypo_ids makes a row continue a row of different padding")
+        return StepPlan(step.step_id, start, n, params.batch_size, hypo_ids, prompt_length, padding)
+
+    def _padding(self, step: InferenceStep, start: int) -> tuple[int, ...] | None:
+        """The session's padding once ``step`` (starting at ``start``) runs."""
+        if step.padding is None:
+            return self.padding
+        padding = check_padding(step.padding, self.params.batch_size, self.params.max_length)
+        if padding != self.padding and start != 0:
+            raise InvalidPosition(
+                f"padding may only change on a step from position 0, not from {start}"
+            )
+        return padding
 
     def _output_problem(self, output: InferenceOutput, plan: StepPlan) -> str | None:
         if output.step_id != plan.step_id:

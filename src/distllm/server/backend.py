@@ -10,6 +10,10 @@ chunk covers a contiguous run of tokens in each row it touches; each run becomes
 :class:`~distllm.model.StepInput`. All runs of all jobs of a batch go into one ``step`` call (or
 groups of ``max_batch_sessions`` jobs). A batch that does not fit the cache is retried job by
 job, so that only the jobs that cannot fit fail.
+
+Left padding (``plan.padding``): a row's pad positions are cut from its runs (a run left empty
+is dropped) and stay zeros in the output; the row's cache positions are the session's minus its
+padding, so each row is an ordinary, unpadded sequence of the cache.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from distllm.model import CacheFull, PagedKVCache, SpanModel, StepInput
 from distllm.protocol.span_messages import BackwardResponse, ForwardRequest, ForwardResponse
+from distllm.protocol.span_session import StepPlan
 from distllm.server.jobs import InferenceJob, TrainingJob
 from distllm.server.scheduler import Chunk
 from distllm.server.tensors import check_finite, from_wire, to_wire
@@ -60,7 +65,9 @@ class RowRun:
 
     @property
     def start_position(self) -> int:
-        return self.job.plan.start + self.begin
+        """Position of the run's first token in the row's own (unpadded) sequence."""
+        plan = self.job.plan
+        return plan.start + self.begin - plan.row_padding(self.row)
 
 
 @dataclass
@@ -112,16 +119,26 @@ class SpanBackend:
             self._rows[session] = rows
         return rows
 
-    def _reorder(self, session: Hashable, hypo_ids: Sequence[int], keep: int) -> None:
-        """Row ``i`` continues from the first ``keep`` tokens of old row ``hypo_ids[i]``."""
+    def _reorder(self, session: Hashable, hypo_ids: Sequence[int], plan: StepPlan) -> None:
+        """Row ``i`` continues from old row ``hypo_ids[i]``'s tokens before ``plan.start``."""
         old = self._rows[session]
         generation = next(self._generations)
         new: list[Hashable] = [(session, generation, row) for row in range(len(old))]
-        for sequence, source in zip(new, hypo_ids, strict=True):
+        for row, (sequence, source) in enumerate(zip(new, hypo_ids, strict=True)):
+            # Equal padding (checked by the protocol): the same cut for source and row.
+            keep = max(0, plan.start - plan.row_padding(row))
             self.cache.fork(old[source], sequence, keep)  # shares pages, copies on write
         for sequence in old:
             self.cache.close(sequence)
         self._rows[session] = new
+
+    def _roll_back_padded(self, session: Hashable, plan: StepPlan) -> None:
+        """Forget each row's tokens from ``plan.start`` on. ``span.step`` does this for rows
+        with tokens in the step; a row whose new positions are all padding has none."""
+        for row, sequence in enumerate(self._rows[session]):
+            keep = max(0, plan.start - plan.row_padding(row))
+            if self.cache.length(sequence) > keep:
+                self.cache.manager.truncate(sequence, keep)
 
     # -- inference -----------------------------------------------------------------------------
 
@@ -134,14 +151,12 @@ class SpanBackend:
                 if chunk.offset == 0:
                     self._begin(job)
                 rows = self._rows[job.session]
-                ready.append(
-                    [
-                        RowRun(job, row, begin, end, rows[row])
-                        for row, begin, end in row_runs(
-                            chunk.offset, chunk.tokens, job.plan.num_tokens
-                        )
-                    ]
-                )
+                runs = [
+                    RowRun(job, row, begin, end, rows[row])
+                    for row, begin, end in _unpadded_runs(job, chunk)
+                ]
+                if runs:  # a chunk of pad tokens only has nothing to compute
+                    ready.append(runs)
             except Exception as exc:
                 outcome.failures[job.key] = exc
         size = self._max_batch_sessions or max(len(ready), 1)
@@ -172,9 +187,13 @@ class SpanBackend:
             job.prompts = prompts.to(self.span.dtype)
         self._open_rows(job.session, plan.batch_size)
         if plan.hypo_ids is not None:
-            self._reorder(job.session, plan.hypo_ids, plan.start)
+            self._reorder(job.session, plan.hypo_ids, plan)
+        if plan.padding is not None:
+            self._roll_back_padded(job.session, plan)
         job.hidden = hidden
-        job.output = torch.empty(hidden.shape, dtype=self.span.dtype)
+        # Pad positions are never written: zeros there.
+        empty = torch.empty if plan.padding is None else torch.zeros
+        job.output = empty(hidden.shape, dtype=self.span.dtype)
 
     def _run_group(self, group: list[list[RowRun]], outcome: Outcome) -> None:
         try:
@@ -253,6 +272,21 @@ class SpanBackend:
         if isinstance(request, ForwardRequest):
             return run_forward(self.span, request, job.compression, self._check_finite)
         return run_backward(self.span, request, job.compression, self._check_finite)
+
+
+def _unpadded_runs(job: InferenceJob, chunk: Chunk) -> list[tuple[int, int, int]]:
+    """``row_runs`` of the chunk without the rows' pad positions (empty runs dropped)."""
+    plan = job.plan
+    runs = row_runs(chunk.offset, chunk.tokens, plan.num_tokens)
+    if plan.padding is None:
+        return runs
+    clipped = []
+    for row, begin, end in runs:
+        first_real = plan.row_padding(row) - plan.start  # step-relative; may be <= 0
+        begin = max(begin, first_real)
+        if begin < end:
+            clipped.append((row, begin, end))
+    return clipped
 
 
 class _Adder:

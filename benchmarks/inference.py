@@ -1,0 +1,270 @@
+"""Inference through a swarm vs the same model local in transformers; failover recovery.
+
+One run on this machine: SmolLM2-135M-Instruct (30 blocks, fp32) split over 3 ``distllm serve``
+processes talking QUIC over loopback (plus a standby server for the middle span), against the
+same model in local ``transformers``:
+
+* decode tokens/s (batch 1, greedy) after a 128- and a 1024-token context, and the ratio
+  distributed / local;
+* failover: the server computing the middle span is killed (SIGKILL) mid-generation at a
+  1024-token context; recovery is the time from the kill to the next token (the session bans
+  it, reroutes to the standby, replays the 1024 positions there, and carries on).
+  The tokens after the failure are compared with those of a run without one.
+
+    python benchmarks/inference.py            # full run
+    python benchmarks/inference.py --quick    # < 120 s
+
+Prints a table; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+
+from distllm.cli.loopback import COLOCATED_ENV, LoopbackSwarm, SwarmProcess, even_spans
+from distllm.client import Client, ClientConfig
+from distllm.config import TransportConfig
+from distllm.model.resolve import DEFAULT_MODEL, resolve_model
+
+
+@dataclass
+class Decode:
+    context: int
+    local: float  # tokens/s
+    distributed: float
+
+    @property
+    def ratio(self) -> float:
+        return self.distributed / self.local
+
+
+@dataclass
+class Failover:
+    context: int
+    recovery: float  # seconds from the kill to the next token
+    repair: float  # of which: from the failure's detection to the next token
+    replayed: int  # positions replayed to the standby
+    identical: bool  # tokens equal those of a run without failure
+    detection: str
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats (<120 s)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024])
+    parser.add_argument("--tokens", type=int, help="decoded tokens per measurement")
+    parser.add_argument("--repeats", type=int, help="measurements per context (best is kept)")
+    parser.add_argument("--servers", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per server")
+    parser.add_argument(
+        "--dead-peer-timeout",
+        type=float,
+        default=0.5,
+        help="client's QUIC dead-peer timeout: how soon a killed server is noticed (0.5 s)",
+    )
+    parser.add_argument(
+        "--default-omp-spin",
+        action="store_true",
+        help="leave libgomp's long spin-wait on (co-located servers then slow each other down)",
+    )
+    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    args = parser.parse_args()
+    args.tokens = args.tokens or (24 if args.quick else 64)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    return args
+
+
+# -- local baseline ---------------------------------------------------------------------------
+
+
+def local_decode_rate(model: Any, context: int, tokens: int) -> float:
+    """Greedy decode tokens/s after a prefill of ``context`` random tokens, with a KV cache."""
+    ids = torch.randint(10, model.config.vocab_size, (1, context))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = out.cache
+        token = out.logits[:, -1:].argmax(-1)
+        started = time.perf_counter()
+        for _ in range(tokens):
+            out = model(token, cache=cache, use_cache=True)
+            cache = out.cache
+            token = out.logits[:, -1:].argmax(-1)
+    return tokens / (time.perf_counter() - started)
+
+
+# -- distributed ------------------------------------------------------------------------------
+
+
+async def decode_steps(session: Any, parts: Any, token: torch.Tensor, n: int) -> list[int]:
+    """``n`` greedy steps from ``token`` ``[1, 1]``; the tokens produced."""
+    produced = []
+    for _ in range(n):
+        with torch.no_grad():
+            out = await session.step(parts.embed(token))
+            token = parts.logits(out[:, -1:]).argmax(-1)
+        produced.append(int(token))
+    return produced
+
+
+async def prefill(session: Any, parts: Any, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = await session.step(parts.embed(ids))
+        token: torch.Tensor = parts.logits(out[:, -1:]).argmax(-1)
+    return token
+
+
+async def distributed_decode_rate(remote: Any, context: int, tokens: int) -> float:
+    ids = torch.randint(10, remote.config.vocab_size, (1, context))
+    async with remote.inference_session(max_length=context + tokens + 1) as session:
+        token = await prefill(session, remote.parts, ids)
+        started = time.perf_counter()
+        await decode_steps(session, remote.parts, token, tokens)
+        return tokens / (time.perf_counter() - started)
+
+
+async def failover(remote: Any, swarm: LoopbackSwarm, context: int, dead: float) -> Failover:
+    """Kill the server of the middle hop after a few tokens; time the next token."""
+    ids = torch.randint(10, remote.config.vocab_size, (1, context))
+    before, after = 4, 8
+    async with remote.inference_session(max_length=context + before + after + 2) as session:
+        token = await prefill(session, remote.parts, ids)
+        expected = await decode_steps(session, remote.parts, token, before + after)
+    async with remote.inference_session(max_length=context + before + after + 2) as session:
+        token = await prefill(session, remote.parts, ids)
+        got = await decode_steps(session, remote.parts, token, before)
+        victim = _process_of(swarm, session.route[len(session.route) // 2].peer.short)
+        last = torch.tensor([[got[-1]]])
+        killed = time.perf_counter()
+        swarm.kill(victim)
+        got += await decode_steps(session, remote.parts, last, 1)
+        recovery = time.perf_counter() - killed
+        got += await decode_steps(session, remote.parts, torch.tensor([[got[-1]]]), after - 1)
+        repairs = session.stats.recovery_seconds
+        return Failover(
+            context,
+            recovery,
+            repairs[-1] if repairs else float("nan"),
+            session.stats.replayed_tokens,
+            got == expected,
+            f"QUIC dead-peer timeout {dead:g} s",
+        )
+
+
+def _process_of(swarm: LoopbackSwarm, peer_short: str) -> SwarmProcess:
+    for server in swarm.servers:
+        if server.address is not None and peer_short in server.address:
+            return server
+    raise LookupError(f"no server process with peer {peer_short}")
+
+
+def local_rates(args: argparse.Namespace, local: Any) -> dict[int, float]:
+    """Best local decode rate per context (with no event loop running in this process)."""
+    for context in args.contexts:  # warm up: allocator, kernels for these shapes
+        local_decode_rate(local, context, 8)
+    return {
+        c: max(local_decode_rate(local, c, args.tokens) for _ in range(args.repeats))
+        for c in args.contexts
+    }
+
+
+async def run_client(
+    args: argparse.Namespace, path: Path, swarm: LoopbackSwarm
+) -> tuple[dict[int, float], Failover]:
+    """Best distributed decode rate per context, then the failover measurement."""
+    transport = TransportConfig(
+        keepalive_interval=min(0.5, args.dead_peer_timeout / 4),
+        dead_peer_timeout=args.dead_peer_timeout,
+    )
+    config = ClientConfig(step_timeout=30.0)
+    async with Client(swarm.initial_peers, transport_config=transport, config=config) as client:
+        remote = await client.model(path)
+        for context in args.contexts:  # warm up: connections, allocators, kernels
+            await distributed_decode_rate(remote, context, 8)
+        rates = {}
+        for context in args.contexts:
+            runs = [
+                await distributed_decode_rate(remote, context, args.tokens)
+                for _ in range(args.repeats)
+            ]
+            rates[context] = max(runs)
+        result = await failover(remote, swarm, max(args.contexts), args.dead_peer_timeout)
+        return rates, result
+
+
+def main() -> int:
+    args = parse_args()
+    started = time.perf_counter()
+    model = resolve_model(DEFAULT_MODEL)
+    from distllm.model import load_config
+
+    num_blocks = int(load_config(model.path).num_hidden_layers)
+    spans = even_spans(num_blocks, args.servers)
+    standby = spans[len(spans) // 2]
+
+    from transformers import AutoModelForCausalLM
+
+    local = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32).eval()
+    with (
+        tempfile.TemporaryDirectory(prefix="distllm-bench-") as tmp,
+        LoopbackSwarm(Path(tmp), env=None if args.default_omp_spin else COLOCATED_ENV) as swarm,
+    ):
+        swarm.start_dht()
+        extra = ("--no-measure", "--num-threads", str(args.threads), "--cache-tokens", "8192")
+        for span in [*spans, standby]:
+            swarm.add_server(model.path, span, name=model.name, extra=extra)
+        swarm.wait_ready()
+        # Local runs before and after the distributed ones, best kept: load from other
+        # processes on this machine during either does not decide the ratio.
+        before = local_rates(args, local)
+        rates, fail = anyio.run(partial(run_client, args, model.path, swarm), backend=args.backend)
+        after = local_rates(args, local)
+    decodes = [Decode(c, max(before[c], after[c]), rates[c]) for c in args.contexts]
+    report(args, model.name, num_blocks, spans, decodes, fail, time.perf_counter() - started)
+    return 0
+
+
+def report(
+    args: argparse.Namespace,
+    name: str,
+    num_blocks: int,
+    spans: list[tuple[int, int]],
+    decodes: list[Decode],
+    fail: Failover | None,
+    seconds: float,
+) -> None:
+    layout = " + ".join(f"[{a},{b})" for a, b in spans)
+    print(
+        f"\n{name}, {num_blocks} blocks, fp32, batch 1, greedy; {args.tokens} tokens x"
+        f" {args.repeats} (best); servers {layout} + standby, {args.threads} threads each"
+        f" ({'default OpenMP spin' if args.default_omp_spin else 'GOMP_SPINCOUNT=50000'});"
+        f" local: {torch.get_num_threads()} threads\n"
+    )
+    print("| context | local tok/s | distributed tok/s | ratio |")
+    print("|---:|---:|---:|---:|")
+    for d in decodes:
+        print(f"| {d.context} | {d.local:.1f} | {d.distributed:.1f} | {d.ratio:.2f} |")
+    if fail is not None:
+        print(
+            f"\nfailover at a {fail.context}-token context ({fail.detection}): server killed"
+            f" -> next token {fail.recovery:.2f} s (detection {fail.recovery - fail.repair:.2f}"
+            f" s, then reroute + replay + step {fail.repair:.2f} s); {fail.replayed} positions"
+            " replayed;"
+            f" tokens identical to a run without failure: {'yes' if fail.identical else 'NO'}"
+        )
+    ratios = [d.ratio for d in decodes]
+    print(f"\nmean ratio {statistics.mean(ratios):.2f}; total {seconds:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

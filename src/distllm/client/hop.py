@@ -1,0 +1,172 @@
+"""One hop of an inference session: a ``span.inference`` stream to one server.
+
+The stream is held open by a task of the session's task group (:meth:`Hop.run`), so hops can be
+opened, replaced and closed in any order without nesting their cancel scopes; the session task
+itself sends the steps and waits for the outputs (:meth:`Hop.step`), each under its own
+deadline. Closing sends end-of-stream (the server ends the session and frees its pages);
+aborting resets the stream (the same, without the goodbye).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import math
+from collections.abc import Sequence
+
+import anyio
+import anyio.abc
+
+from distllm.client.history import History
+from distllm.client.planner import RouteHop
+from distllm.errors import DeadlineExceeded, DistllmError, RemoteProtocolError
+from distllm.protocol.span_checks import SpanShape
+from distllm.protocol.span_messages import (
+    METHOD_INFERENCE,
+    InferenceOpen,
+    InferenceOpened,
+    InferenceOutput,
+    InferenceStep,
+)
+from distllm.protocol.span_session import SessionParams, SpanSession
+from distllm.rpc import RpcEndpoint, RpcStream
+from distllm.wire.tensors import WireTensor
+
+__all__ = ["Hop", "HopState", "make_step"]
+
+logger = logging.getLogger("distllm.client")
+
+
+def make_step(
+    hidden: WireTensor,
+    start: int,
+    hypo_ids: WireTensor | None,
+    padding: Sequence[int] | None,
+    step_id: int,
+) -> InferenceStep:
+    return InferenceStep(
+        hidden, start, hypo_ids, None, step_id, None if padding is None else tuple(padding)
+    )
+
+
+class HopState(enum.Enum):
+    NEW = "new"  # not opened yet
+    OPEN = "open"  # the server holds a session for us
+    DONE = "done"  # closed or aborted: the session is gone
+
+
+class Hop:
+    """Blocks ``route.start..route.end`` of one session, computed by ``route.peer``.
+
+    ``history`` holds the inputs this span received so far (what a replacement replays);
+    ``None`` until the previous hop's replay produced it. ``needs_replay``: the server has not
+    seen ``history`` yet (a replacement).
+    """
+
+    def __init__(self, route: RouteHop, history: History | None, *, needs_replay: bool) -> None:
+        self.route = route
+        self.history = history
+        self.needs_replay = needs_replay
+        self.state = HopState.NEW
+        self._stream: RpcStream | None = None
+        self._machine: SpanSession | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._closing = anyio.Event()
+        self._step_ids = itertools.count()
+
+    def successor(self) -> Hop:
+        """A new hop to the same server carrying the same history (after our own failure)."""
+        return Hop(self.route, self.history, needs_replay=True)
+
+    async def run(
+        self,
+        rpc: RpcEndpoint,
+        opening: InferenceOpen,
+        hidden_size: int,
+        connect_timeout: float,
+        close_timeout: float,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Open the session (failures raise from ``TaskGroup.start``), then hold it until
+        :meth:`close` or :meth:`abort`. Never raises once started."""
+        started = False
+        try:
+            with anyio.CancelScope(deadline=anyio.current_time() + connect_timeout) as scope:
+                self._scope = scope
+                async with rpc.open_stream(self.route.address, METHOD_INFERENCE) as stream:
+                    await stream.send(opening)
+                    opened = await stream.receive_as(InferenceOpened)
+                    self._machine = SpanSession(self._params(opened, opening, hidden_size))
+                    self._stream = stream
+                    self.state = HopState.OPEN
+                    scope.deadline = math.inf
+                    started = True
+                    task_status.started()
+                    await self._closing.wait()
+                    scope.deadline = anyio.current_time() + close_timeout  # bounds the goodbye
+            if not started:
+                raise DeadlineExceeded(
+                    f"opening a session at {self.route.peer!r} took over {connect_timeout:g} s"
+                )
+        except DistllmError as exc:
+            if not started:
+                raise
+            logger.debug("hop %r ended: %r", self.route, exc)
+        finally:
+            self.state = HopState.DONE
+            self._stream = None
+
+    def _params(
+        self, opened: InferenceOpened, opening: InferenceOpen, hidden_size: int
+    ) -> SessionParams:
+        span = self.route.end - self.route.start
+        expected = (opening.session_id, opening.max_length, opening.batch_size, opening.dtype)
+        got = (opened.session_id, opened.max_length, opened.batch_size, opened.dtype)
+        if got != expected or (opened.hidden_size, opened.num_blocks) != (hidden_size, span):
+            raise RemoteProtocolError(
+                f"{self.route.peer!r} opened a session unlike the one asked for: {opened!r}"
+            )
+        return SessionParams(
+            opening.max_length, opening.batch_size, opening.dtype, SpanShape(span, hidden_size)
+        )
+
+    async def step(
+        self,
+        hidden: WireTensor,
+        start: int,
+        hypo_ids: WireTensor | None = None,
+        padding: Sequence[int] | None = None,
+    ) -> WireTensor:
+        """Send one step, return the span's outputs. The caller bounds it with a deadline; if
+        it fails or is interrupted, the hop is unusable (abort it)."""
+        stream, machine = self._stream, self._machine
+        if self.state is not HopState.OPEN or stream is None or machine is None:
+            raise RemoteProtocolError(f"the session at {self.route.peer!r} is not open")
+        step = make_step(hidden, start, hypo_ids, padding, next(self._step_ids))
+        machine.send_step(step)  # our own rule check: LocalProtocolError is a bug
+        await stream.send(step)
+        try:
+            output = await stream.receive_as(InferenceOutput)
+        except anyio.EndOfStream:
+            machine.fail()
+            raise RemoteProtocolError(
+                f"{self.route.peer!r} ended the session in the middle of a step"
+            ) from None
+        machine.receive_output(output)
+        return output.hidden
+
+    def close(self) -> None:
+        """End the session cleanly (end-of-stream), in the background."""
+        self._closing.set()
+
+    def abort(self) -> None:
+        """Reset the stream now: the server drops the session."""
+        self.state = HopState.DONE
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def __repr__(self) -> str:
+        r = self.route
+        return f"Hop([{r.start}, {r.end}) at {r.peer!r}, {self.state.value}, {self.history!r})"

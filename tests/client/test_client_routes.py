@@ -1,0 +1,161 @@
+"""Routes of whole spans: optimal vs brute force, errors, and forward load spreading."""
+
+from __future__ import annotations
+
+import collections
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distllm.client.errors import NoRouteError
+from distllm.client.planner import DEFAULT_COSTS, RouteHop
+from distllm.client.routes import MisalignedSpansError, plan_forward_route, plan_session_route
+from distllm.client.swarm import SwarmView
+from distllm.dht.records import SignedEntry
+from distllm.dht.schema import ServerRecord, ServerState, sign_server_record
+from distllm.identity import Identity
+
+MODEL = "tiny-llama"
+NOW = 1_700_000_000.0
+IDS = [Identity.from_seed(bytes([i + 1]) * 32) for i in range(8)]
+
+
+@dataclass(frozen=True)
+class Spec:
+    who: int
+    start: int
+    end: int
+    inference_rps: float = 10.0
+    forward_rps: float = 1000.0
+    free_cache_tokens: int = 4096
+    rtt: float | None = None
+
+
+def make_view(num_blocks: int, specs: Sequence[Spec]) -> SwarmView:
+    found: dict[int, list[SignedEntry]] = {}
+    for spec in specs:
+        peer = IDS[spec.who].peer_id
+        record = ServerRecord(
+            peer_id=peer,
+            addresses=(f"distllm://{peer}@10.0.0.{spec.who + 1}:4000",),
+            state=ServerState.ONLINE,
+            model=MODEL,
+            start=spec.start,
+            end=spec.end,
+            throughput=spec.inference_rps,
+            inference_rps=spec.inference_rps,
+            forward_rps=spec.forward_rps,
+            free_cache_tokens=spec.free_cache_tokens,
+            dtype="float32",
+            quantization=None,
+            adapters=(),
+            version="0.1.0",
+        )
+        for entry in sign_server_record(IDS[spec.who], record, NOW + 60):
+            found.setdefault(int(entry.key.rpartition("/")[2]), []).append(entry)
+    view = SwarmView.from_entries(MODEL, num_blocks, found, NOW, verify=False)
+    for spec in specs:
+        if spec.rtt is not None:
+            view.set_rtt(IDS[spec.who].peer_id, spec.rtt)
+    return view
+
+
+def session_cost(view: SwarmView, route: Sequence[RouteHop], needed: int) -> float:
+    total = 0.0
+    for hop in route:
+        server = view.servers[hop.peer]
+        total += view.rtt(hop.peer) / 2 + DEFAULT_COSTS.hop_overhead
+        if server.free_cache_tokens < needed:
+            total += DEFAULT_COSTS.cache_penalty
+        total += (server.end - server.start) / max(server.inference_rps, 1e-6)
+    return total
+
+
+def chains(view: SwarmView, start: int, end: int, banned: set[object]) -> Iterator[list[RouteHop]]:
+    """Every chain of whole, unbanned spans from ``start`` to ``end`` (brute force)."""
+    if start == end:
+        yield []
+        return
+    for server in view.servers.values():
+        if server.peer in banned or server.start != start or server.end > end:
+            continue
+        hop = RouteHop(server.peer, server.address, server.start, server.end)
+        for rest in chains(view, server.end, end, banned):
+            yield [hop, *rest]
+
+
+spans = st.tuples(st.integers(0, 5), st.integers(1, 6)).filter(lambda s: s[0] < s[1])
+specs = st.lists(
+    st.builds(
+        Spec,
+        who=st.integers(0, 7),
+        start=st.just(0),
+        end=st.just(1),
+        inference_rps=st.sampled_from([0.0, 1.0, 5.0, 20.0]),
+        free_cache_tokens=st.sampled_from([0, 100, 5000]),
+        rtt=st.one_of(st.none(), st.sampled_from([0.0, 0.01, 0.2])),
+    ),
+    max_size=7,
+    unique_by=lambda s: s.who,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    specs=specs,
+    layout=st.lists(spans, min_size=8, max_size=8),
+    banned=st.sets(st.integers(0, 7), max_size=3),
+    needed=st.sampled_from([50, 1000]),
+)
+def test_session_route_is_optimal_against_brute_force(specs, layout, banned, needed):
+    specs = [Spec(s.who, *layout[s.who], s.inference_rps, 1000.0, s.free_cache_tokens, s.rtt)
+             for s in specs]  # fmt: skip
+    view = make_view(6, specs)
+    banned_peers = {IDS[i].peer_id for i in banned}
+    options = list(chains(view, 0, 6, banned_peers))
+    if not options:
+        with pytest.raises(NoRouteError):
+            plan_session_route(view, 0, 6, banned=banned_peers, cache_tokens_needed=needed)
+        return
+    route = plan_session_route(view, 0, 6, banned=banned_peers, cache_tokens_needed=needed)
+    assert [hop.start for hop in route] == [0, *(hop.end for hop in route[:-1])]
+    assert route[-1].end == 6 and not {hop.peer for hop in route} & banned_peers
+    best = min((session_cost(view, c, needed), len(c)) for c in options)
+    got = (session_cost(view, route, needed), len(route))
+    assert math.isclose(got[0], best[0], rel_tol=1e-9, abs_tol=1e-12) and got[1] == best[1]
+
+
+def test_errors_name_the_blocks_and_tell_holes_from_misaligned_spans():
+    view = make_view(6, [Spec(0, 0, 2), Spec(1, 3, 6)])
+    with pytest.raises(NoRouteError, match=r"no server holds block 2 of model 'tiny-llama'"):
+        plan_session_route(view, 0, 6, banned=set(), cache_tokens_needed=1)
+    view = make_view(6, [Spec(0, 0, 3), Spec(1, 2, 6), Spec(2, 4, 6)])
+    with pytest.raises(MisalignedSpansError, match="do not chain through block 3") as caught:
+        plan_session_route(view, 0, 6, banned=set(), cache_tokens_needed=1)
+    assert caught.value.blocks == (3, 4, 5)
+    with pytest.raises(NoRouteError) as banned:
+        plan_session_route(view, 0, 6, banned={IDS[0].peer_id}, cache_tokens_needed=1)
+    assert banned.value.blocks == (0, 1) and banned.value.banned == 1
+
+
+def test_a_sub_range_routes_only_through_spans_inside_it():
+    view = make_view(6, [Spec(0, 0, 6), Spec(1, 2, 4), Spec(2, 4, 6)])
+    route = plan_session_route(view, 2, 6, banned=set(), cache_tokens_needed=1)
+    assert [(h.peer, h.start, h.end) for h in route] == [
+        (IDS[1].peer_id, 2, 4),
+        (IDS[2].peer_id, 4, 6),
+    ]
+
+
+def test_forward_routes_spread_load_by_throughput():
+    view = make_view(4, [Spec(0, 0, 4, forward_rps=100.0), Spec(1, 0, 4, forward_rps=300.0)])
+    rng = random.Random(0)
+    counts = collections.Counter(
+        plan_forward_route(view, 0, 4, banned=set(), rng=rng)[0].peer for _ in range(2000)
+    )
+    assert 0.7 < counts[IDS[1].peer_id] / 2000 < 0.8  # 300 / (100 + 300)
