@@ -100,6 +100,11 @@ def test_serve_announces_serves_and_withdraws(tmp_path: Path) -> None:
         assert (info.model, info.start, info.end) == ("tiny-llama", 1, 3)
         assert info.free_cache_tokens == info.total_cache_tokens == 1024
         assert anyio.run(states, bootstrap, "tiny-llama/2") == [ServerState.ONLINE]
+        health = spawn("health", "tiny-llama", "--initial-peers", str(bootstrap))
+        out, _ = health.communicate(timeout=STARTUP)
+        assert health.returncode == 1  # blocks 0 and 3 are served by nobody
+        assert "UNSERVED blocks: 0, 3" in out.decode()
+        assert "servers per block: 0 1 1 0" in out.decode()
         terminate(server)
         server = None
         assert anyio.run(states, bootstrap, "tiny-llama/2") == [ServerState.OFFLINE]

@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from distllm.cli import demo_cmd, dht_cmd, generate_cmd, identity_cmd, serve_cmd
+from distllm.cli import demo_cmd, dht_cmd, generate_cmd, health_cmd, identity_cmd, serve_cmd
 
 __all__ = ["build_parser", "main"]
 
@@ -20,6 +20,7 @@ _SUBCOMMANDS: tuple[
     ("dht", dht_cmd.register),
     ("serve", serve_cmd.register),
     ("generate", generate_cmd.register),
+    ("health", health_cmd.register),
     ("demo", demo_cmd.register),
 )
 
