@@ -24,7 +24,7 @@ from distllm.dht.schema import (
     sign_model_record,
     sign_server_record,
 )
-from distllm.errors import DistllmError
+from distllm.errors import DistllmError, LocalProtocolError
 from distllm.identity import Identity
 
 __all__ = ["Announcer", "EntryStore"]
@@ -114,6 +114,8 @@ class Announcer:
     async def _announce_logged(self) -> None:
         try:
             await self.announce()
+        except* LocalProtocolError:
+            raise  # our bug: surfaces, never retried
         except* (DistllmError, TimeoutError) as group:
             # The DHT being briefly unreachable must not stop serving; retry next period.
             # (``except*``: failures of concurrent stores arrive as an exception group.)
@@ -126,6 +128,8 @@ class Announcer:
         with anyio.CancelScope(shield=True), anyio.move_on_after(min(3.0, self._store_timeout)):
             try:
                 await self.announce()
+            except* LocalProtocolError:
+                raise
             except* (DistllmError, TimeoutError) as group:
                 logger.info(
                     "could not announce OFFLINE (%s); the records will expire",

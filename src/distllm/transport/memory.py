@@ -416,9 +416,16 @@ class MemoryEndpoint:
             conn.fail(PeerGone(f"disconnected from {peer_id!r}"), now)
             conn.peer.fail(PeerGone(f"{self.peer_id!r} disconnected"), now)
 
-    async def open_stream(self, peer: PeerAddress) -> MemoryStream:
+    def _check_running(self) -> None:
+        if self._state is _State.KILLED:
+            # The process is gone as far as the network is concerned: to code still running
+            # above the endpoint, that is a dead transport, not a misuse of a closed one.
+            raise PeerGone("this endpoint was killed")
         if self._state is not _State.RUNNING:
             raise anyio.ClosedResourceError
+
+    async def open_stream(self, peer: PeerAddress) -> MemoryStream:
+        self._check_running()
         conn = self._live_conn(peer.peer_id)
         if conn is None:
             conn = await self._dial(peer)
@@ -449,8 +456,7 @@ class MemoryEndpoint:
             await anyio.sleep(self.config.connect_timeout)
             raise ConnectError(f"no answer from {peer} within {self.config.connect_timeout:g} s")
         await anyio.sleep(2 * latency)  # the handshake's round trip
-        if self._state is not _State.RUNNING:
-            raise anyio.ClosedResourceError
+        self._check_running()
         conn = self._live_conn(peer.peer_id)  # another task may have connected meanwhile
         if conn is not None:
             return conn
