@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from distllm.errors import RemoteProtocolError
 
-__all__ = ["InvalidPosition", "InvalidTensor", "SpanRequestError", "WrongSpan"]
+__all__ = [
+    "InvalidPosition",
+    "InvalidTensor",
+    "SpanRequestError",
+    "UnknownAdapter",
+    "UnknownForward",
+    "WrongSpan",
+]
 
 
 class SpanRequestError(RemoteProtocolError):
@@ -26,3 +33,11 @@ class InvalidTensor(SpanRequestError):
 
 class InvalidPosition(SpanRequestError):
     """A step starts beyond the session's position or would run past its ``max_length``."""
+
+
+class UnknownAdapter(SpanRequestError):
+    """The request names an adapter this server has not loaded."""
+
+
+class UnknownForward(SpanRequestError):
+    """A backward names a ``forward_id`` this server never saw from the caller."""

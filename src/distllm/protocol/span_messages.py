@@ -19,6 +19,7 @@ against a session or span are checked by :mod:`distllm.protocol.span_checks`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -27,6 +28,7 @@ from distllm.wire.tensors import WireTensor, codecs_for
 
 __all__ = [
     "ACTIVATION_DTYPES",
+    "ADAPTER_NAME",
     "METHOD_BACKWARD",
     "METHOD_FORWARD",
     "METHOD_INFERENCE",
@@ -39,6 +41,7 @@ __all__ = [
     "InferenceOpened",
     "InferenceOutput",
     "InferenceStep",
+    "MAX_FORWARD_ID",
     "SpanInfo",
     "SpanInfoRequest",
 ]
@@ -54,6 +57,10 @@ ACTIVATION_DTYPES: Final[tuple[str, ...]] = ("float32", "bfloat16", "float16")
 MAX_MODEL_NAME: Final = 256
 #: Length of a client's session id, in bytes.
 MAX_SESSION_ID: Final = 64
+#: Length of a caller's forward id (a forward whose autograd graph a backward may reuse).
+MAX_FORWARD_ID: Final = 32
+#: Adapter names: 1..64 characters of letters, digits, ``_``, ``-`` and ``.``.
+ADAPTER_NAME: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 def _check(condition: bool, field: str, rule: str, value: object) -> None:
@@ -69,6 +76,24 @@ def _check_target(model: str, start: int, end: int) -> None:
 
 def _check_dtype(field: str, dtype: str) -> None:
     _check(dtype in ACTIVATION_DTYPES, field, f"one of {ACTIVATION_DTYPES}", dtype)
+
+
+def _check_adapter(adapter: str | None) -> None:
+    _check(
+        adapter is None or ADAPTER_NAME.fullmatch(adapter) is not None,
+        "adapter",
+        "None or 1..64 characters of [A-Za-z0-9_.-]",
+        adapter,
+    )
+
+
+def _check_forward_id(forward_id: bytes | None) -> None:
+    _check(
+        forward_id is None or 0 < len(forward_id) <= MAX_FORWARD_ID,
+        "forward_id",
+        f"None or 1..{MAX_FORWARD_ID} bytes",
+        forward_id,
+    )
 
 
 def _check_codec(compression: str | None, dtype: str) -> None:
@@ -124,9 +149,11 @@ class InferenceOpen:
     session_id: bytes  # the caller's name for the session, 1..64 bytes (echoed, logged)
     dtype: str  # activation dtype of the hidden states (and prompts), both ways
     compression: str | None  # codec of the outputs; None: the server's default
+    adapter: str | None = None  # a LoRA adapter the server loaded; None: the plain blocks
 
     def __post_init__(self) -> None:
         _check_target(self.model, self.start, self.end)
+        _check_adapter(self.adapter)
         _check(self.max_length >= 1, "max_length", ">= 1", self.max_length)
         _check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
         _check(
@@ -204,7 +231,12 @@ class InferenceOutput:
 @message("span.forward.request")
 @dataclass(frozen=True, slots=True)
 class ForwardRequest:
-    """Run the span over ``hidden`` ``[b, T, hidden_size]`` causally from position 0."""
+    """Run the span over ``hidden`` ``[b, T, hidden_size]`` causally from position 0.
+
+    ``forward_id`` (chosen by the caller) asks the server to keep this forward's autograd graph
+    for a backward that names it, sparing the backward a recomputation. The server may decline
+    or drop it at any time (memory, age); the backward then recomputes from its ``hidden``.
+    """
 
     model: str
     start: int
@@ -212,9 +244,13 @@ class ForwardRequest:
     hidden: WireTensor
     prompts: WireTensor | None
     compression: str | None  # codec of the output; None: the server's default
+    adapter: str | None = None  # a LoRA adapter the server loaded; None: the plain blocks
+    forward_id: bytes | None = None
 
     def __post_init__(self) -> None:
         _check_target(self.model, self.start, self.end)
+        _check_adapter(self.adapter)
+        _check_forward_id(self.forward_id)
         _check_dtype("hidden.dtype", self.hidden.dtype)
         _check_codec(self.compression, self.hidden.dtype)
 
@@ -230,7 +266,10 @@ class ForwardResponse:
 class BackwardRequest:
     """Gradients of the span w.r.t. its inputs (and prompts), given those of its outputs.
 
-    The server recomputes the forward over ``hidden`` under autograd; weights stay frozen.
+    The server recomputes the forward over ``hidden`` under autograd (weights stay frozen), or
+    reuses the graph it kept for the caller's forward ``forward_id``. A ``forward_id`` the
+    server never saw from this caller is refused (``UnknownForward``); one it saw but no
+    longer keeps is recomputed. ``hidden``, ``prompts`` and ``adapter`` must be the forward's.
     """
 
     model: str
@@ -240,9 +279,13 @@ class BackwardRequest:
     grad_output: WireTensor  # d(loss)/d(outputs), same shape and dtype
     prompts: WireTensor | None
     compression: str | None
+    adapter: str | None = None
+    forward_id: bytes | None = None
 
     def __post_init__(self) -> None:
         _check_target(self.model, self.start, self.end)
+        _check_adapter(self.adapter)
+        _check_forward_id(self.forward_id)
         _check_dtype("hidden.dtype", self.hidden.dtype)
         _check_codec(self.compression, self.hidden.dtype)
 
