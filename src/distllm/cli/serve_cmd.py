@@ -61,6 +61,18 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument("--max-length", type=int, help="longest session a client may open")
     parser.add_argument("--num-threads", type=int, help="torch threads for compute")
     parser.add_argument(
+        "--adapter",
+        dest="adapters",
+        action="append",
+        type=parse_adapter,
+        default=[],
+        metavar="NAME=PATH",
+        help=(
+            "load the PEFT LoRA adapter in directory PATH (adapter_config.json +"
+            " adapter_model.safetensors) as NAME; repeat for more"
+        ),
+    )
+    parser.add_argument(
         "--max-datagram-size", type=int, default=1200, metavar="N", help="UDP datagram size"
     )
     parser.add_argument("--announce-period", type=float, default=30.0, metavar="SECONDS")
@@ -83,6 +95,23 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     parser.set_defaults(run=run)
+
+
+def parse_adapter(text: str) -> tuple[str, Path]:
+    """``NAME=PATH`` of ``--adapter``: a valid adapter name and an existing directory."""
+    from distllm.protocol.span_messages import ADAPTER_NAME
+
+    name, sep, path_text = text.partition("=")
+    if not sep or not name or not path_text:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    if ADAPTER_NAME.fullmatch(name) is None:
+        raise argparse.ArgumentTypeError(
+            f"adapter name {name!r}: use 1..64 characters of letters, digits, '_', '-', '.'"
+        )
+    path = Path(path_text).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"adapter {name!r}: no directory {path_text!r}")
+    return name, path
 
 
 def _parse_blocks(text: str) -> tuple[int, int]:
@@ -123,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
                 quant=args.quant,
                 cache_tokens=args.cache_tokens,
                 num_threads=args.num_threads,
+                adapters=tuple(args.adapters),
                 **extra,
             ),
             options=SwarmServerOptions(

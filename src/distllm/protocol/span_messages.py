@@ -29,6 +29,7 @@ from distllm.wire.tensors import WireTensor, codecs_for
 __all__ = [
     "ACTIVATION_DTYPES",
     "ADAPTER_NAME",
+    "MAX_FORWARD_ID",
     "METHOD_BACKWARD",
     "METHOD_FORWARD",
     "METHOD_INFERENCE",
@@ -41,7 +42,6 @@ __all__ = [
     "InferenceOpened",
     "InferenceOutput",
     "InferenceStep",
-    "MAX_FORWARD_ID",
     "SpanInfo",
     "SpanInfoRequest",
 ]
@@ -134,6 +134,7 @@ class SpanInfo:
     max_batch_size: int  # most rows per session
     inference_rps: float | None  # measured throughput (tokens/s per block), None: unknown
     forward_rps: float | None
+    adapters: tuple[str, ...] = ()  # names of the LoRA adapters it loaded
 
 
 @message("span.inference.open")

@@ -9,7 +9,11 @@ rows of ``n`` tokens), and the scheduler hands out chunks ``[offset, offset + k)
 chunk covers a contiguous run of tokens in each row it touches; each run becomes one
 :class:`~distllm.model.StepInput`. All runs of all jobs of a batch go into one ``step`` call (or
 groups of ``max_batch_sessions`` jobs). A batch that does not fit the cache is retried job by
-job, so that only the jobs that cannot fit fail.
+job, so that only the jobs that cannot fit fail. Jobs of sessions with different LoRA adapters
+never share a ``step`` call: the runs are grouped by adapter, one call (or more) per adapter.
+
+Forward requests that name a ``forward_id`` may keep their autograd graph in a
+:class:`~distllm.server.graphs.GraphStore` for their backward (see :mod:`distllm.server.graphs`).
 
 Left padding (``plan.padding``): a row's pad positions are cut from its runs (a run left empty
 is dropped) and stay zeros in the output; the row's cache positions are the session's minus its
@@ -28,12 +32,26 @@ from typing import Any
 import torch
 
 from distllm.model import CacheFull, PagedKVCache, SpanModel, StepInput
-from distllm.protocol.span_messages import BackwardResponse, ForwardRequest, ForwardResponse
+from distllm.model.adapters import SpanAdapters
+from distllm.protocol.errors import UnknownForward
+from distllm.protocol.span_messages import (
+    BackwardRequest,
+    BackwardResponse,
+    ForwardRequest,
+    ForwardResponse,
+)
 from distllm.protocol.span_session import StepPlan
+from distllm.server.graphs import GraphStore, storage_keys
 from distllm.server.jobs import InferenceJob, TrainingJob
 from distllm.server.scheduler import Chunk
 from distllm.server.tensors import check_finite, from_wire, to_wire
-from distllm.server.training import run_backward, run_forward
+from distllm.server.training import (
+    graph_lower_bound,
+    run_backward,
+    run_backward_kept,
+    run_forward,
+    run_forward_keeping,
+)
 
 __all__ = ["Outcome", "RowRun", "SpanBackend", "row_runs"]
 
@@ -88,11 +106,18 @@ class SpanBackend:
         *,
         max_batch_sessions: int | None = None,
         check_finite: bool = True,
+        adapters: SpanAdapters | None = None,
+        graphs: GraphStore | None = None,
     ) -> None:
         self.span = span
         self.cache = cache
         self._max_batch_sessions = max_batch_sessions
         self._check_finite = check_finite
+        self.adapters = adapters
+        #: Kept forward graphs; ``None``: forwards never keep theirs.
+        self.graphs = graphs
+        # Storages of the weights: a graph refers to them but does not keep them alive.
+        self._weights = storage_keys([*span.parameters(), *span.buffers()])
         self._rows: dict[Hashable, list[Hashable]] = {}
         self._generations = itertools.count()
         #: ``span.step`` calls made (one per batched forward of inference work).
@@ -159,9 +184,14 @@ class SpanBackend:
                     ready.append(runs)
             except Exception as exc:
                 outcome.failures[job.key] = exc
-        size = self._max_batch_sessions or max(len(ready), 1)
-        for i in range(0, len(ready), size):
-            self._run_group(ready[i : i + size], outcome)
+        by_adapter: dict[str | None, list[list[RowRun]]] = {}
+        for runs in ready:
+            by_adapter.setdefault(runs[0].job.adapter, []).append(runs)
+        for adapter, jobs_runs in by_adapter.items():
+            self._use_adapter(adapter)
+            size = self._max_batch_sessions or len(jobs_runs)
+            for i in range(0, len(jobs_runs), size):
+                self._run_group(jobs_runs[i : i + size], outcome)
         for job, chunk in work:
             if job.key in outcome.failures:
                 job.drop_tensors()
@@ -266,12 +296,57 @@ class SpanBackend:
 
     # -- forward and backward ------------------------------------------------------------------
 
-    def run_training(self, job: TrainingJob) -> ForwardResponse | BackwardResponse:
+    def run_training(self, job: TrainingJob, now: float) -> ForwardResponse | BackwardResponse:
         """Run a forward or backward request (alone: it has its own shapes and autograd)."""
         request = job.request
+        self._use_adapter(request.adapter)
         if isinstance(request, ForwardRequest):
-            return run_forward(self.span, request, job.compression, self._check_finite)
-        return run_backward(self.span, request, job.compression, self._check_finite)
+            return self._forward(job, request, now)
+        return self._backward(job, request, now)
+
+    def _forward(self, job: TrainingJob, request: ForwardRequest, now: float) -> ForwardResponse:
+        store, finite = self.graphs, self._check_finite
+        if request.forward_id is None or store is None:
+            return run_forward(self.span, request, job.compression, finite)
+        if not store.fits(graph_lower_bound(self.span, request)):
+            store.remember(job.caller, request.forward_id)  # too big to keep: no autograd
+            return run_forward(self.span, request, job.compression, finite)
+        response, graph = run_forward_keeping(
+            self.span, request, job.compression, finite, self._weights
+        )
+        store.keep(job.caller, request.forward_id, graph, now)  # or drops it: too big
+        return response
+
+    def _backward(self, job: TrainingJob, request: BackwardRequest, now: float) -> BackwardResponse:
+        finite = self._check_finite
+        if request.forward_id is not None:
+            if self.graphs is None:
+                raise UnknownForward("this server keeps no forward graphs")
+            graph = self.graphs.take(job.caller, request.forward_id, now)
+            if graph is not None:
+                return run_backward_kept(self.span, graph, request, job.compression, finite)
+        return run_backward(self.span, request, job.compression, finite)
+
+    def _use_adapter(self, name: str | None) -> None:
+        if self.adapters is not None:
+            self.adapters.activate(name)
+        elif name is not None:  # the handlers check names first: a bug if it gets here
+            raise KeyError(f"no adapters are loaded, asked for {name!r}")
+
+    # -- kept graphs ---------------------------------------------------------------------------
+
+    def expire_graphs(self, now: float) -> None:
+        """Drop kept graphs older than their time to live."""
+        if self.graphs is not None:
+            self.graphs.expire(now)
+
+    def next_graph_expiry(self) -> float | None:
+        return None if self.graphs is None else self.graphs.next_expiry()
+
+    def drop_graphs(self) -> None:
+        """Drop every kept graph (the server stops)."""
+        if self.graphs is not None:
+            self.graphs.clear()
 
 
 def _unpadded_runs(job: InferenceJob, chunk: Chunk) -> list[tuple[int, int, int]]:

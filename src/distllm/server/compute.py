@@ -11,13 +11,16 @@ Sessions that just got an output usually send their next step within a round tri
 waits up to ``batch_window`` for them before taking a batch, so that they run together.
 
 The KV cache is only ever touched on the compute thread: closing a session queues a release
-that the next thread call applies before its batch.
+that the next thread call applies before its batch. So are kept forward graphs: every thread call
+first drops those past their time to live, and an idle loop wakes up to do so when the oldest
+expires.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -110,9 +113,11 @@ class ComputeLoop:
         plan: StepPlan,
         dtype: str,
         compression: str,
+        adapter: str | None = None,
     ) -> WireTensor:
-        """Compute one validated step of ``session``; its output ``[B, n, h]``."""
-        job = InferenceJob(next(self._keys), session, step, plan, dtype, compression)
+        """Compute one validated step of ``session`` (with LoRA ``adapter``, a loaded one);
+        its output ``[B, n, h]``."""
+        job = InferenceJob(next(self._keys), session, step, plan, dtype, compression, adapter)
         self._expected.discard(session)
         delivered = self._delivered_at.pop(session, None)
         if delivered is not None:
@@ -123,10 +128,14 @@ class ComputeLoop:
         return result
 
     async def train(
-        self, request: ForwardRequest | BackwardRequest, compression: str
+        self,
+        request: ForwardRequest | BackwardRequest,
+        compression: str,
+        caller: Hashable = None,
     ) -> ForwardResponse | BackwardResponse:
-        """Compute a validated forward or backward request."""
-        result = await self._run(TrainingJob(next(self._keys), request, compression))
+        """Compute a validated forward or backward request of ``caller`` (a kept forward graph
+        is only ever used by the backward of the caller that ran the forward)."""
+        result = await self._run(TrainingJob(next(self._keys), request, compression, caller))
         if not isinstance(result, ForwardResponse | BackwardResponse):  # pragma: no cover
             raise TypeError(f"training produced {type(result).__name__}")
         return result
@@ -171,8 +180,7 @@ class ComputeLoop:
         try:
             while True:
                 if not len(self._scheduler) and not self._releases:
-                    await self._wakeup.wait()
-                    self._wakeup = anyio.Event()
+                    await self._idle()
                     continue
                 await self._gather()
                 await self._run_next()
@@ -181,6 +189,18 @@ class ComputeLoop:
             for job in list(self._jobs.values()):
                 if not job.done.is_set():
                     job.fail(Busy("the server is shutting down", _SHUTDOWN_RETRY_AFTER))
+
+    async def _idle(self) -> None:
+        """Wait for work; meanwhile drop kept graphs as they expire."""
+        expiry = self._backend.next_graph_expiry()  # the thread is idle: safe to read
+        with anyio.move_on_at(math.inf if expiry is None else expiry):
+            await self._wakeup.wait()
+        if self._wakeup.is_set():
+            self._wakeup = anyio.Event()
+        elif expiry is not None:
+            await anyio.to_thread.run_sync(
+                self._backend.expire_graphs, anyio.current_time(), limiter=self._limiter
+            )
 
     async def _gather(self) -> None:
         """Give sessions that just got an output a moment to send their next step."""
@@ -198,25 +218,29 @@ class ComputeLoop:
         batch = self._scheduler.next_batch(anyio.current_time())
         releases, self._releases = self._releases, []
         work = [] if batch is None else self._work_of(batch)
+        now = anyio.current_time()
         outcome = await anyio.to_thread.run_sync(
-            self._compute, releases, work, limiter=self._limiter
+            self._compute, releases, work, now, limiter=self._limiter
         )
         self._deliver(work, outcome)
 
     def _work_of(self, batch: Batch) -> list[tuple[Job, Chunk]]:
         return [(self._jobs[chunk.item.key], chunk) for chunk in batch.chunks]
 
-    def _compute(self, releases: list[Hashable], work: list[tuple[Job, Chunk]]) -> Outcome:
-        """On the compute thread: apply releases, then compute the batch."""
+    def _compute(
+        self, releases: list[Hashable], work: list[tuple[Job, Chunk]], now: float
+    ) -> Outcome:
+        """On the compute thread: apply releases, drop expired graphs, compute the batch."""
         for session in releases:
             self._backend.release(session)
+        self._backend.expire_graphs(now)
         if not work:
             return Outcome()
         first = work[0][0]
         if isinstance(first, TrainingJob):
             outcome = Outcome()
             try:
-                outcome.results[first.key] = self._backend.run_training(first)
+                outcome.results[first.key] = self._backend.run_training(first, now)
             except Exception as exc:
                 outcome.failures[first.key] = exc
             return outcome

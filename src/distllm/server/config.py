@@ -4,16 +4,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from distllm.protocol.span_messages import ADAPTER_NAME
 from distllm.wire.codecs import CODECS
 
-__all__ = ["QUANTIZATIONS", "WEIGHT_DTYPES", "ServerConfig"]
+__all__ = ["MAX_ADAPTERS", "QUANTIZATIONS", "WEIGHT_DTYPES", "ServerConfig"]
 
 #: dtypes a span's weights and KV cache may be held in.
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 #: Weight quantizations (``distllm.model.quantize.QUANT_MODES``; kept here so that reading a
 #: config does not import torch).
 QUANTIZATIONS = ("none", "int8", "nf4")
+#: Most LoRA adapters one server may load (what a DHT announcement carries).
+MAX_ADAPTERS = 64
 
 
 def _require(condition: bool, field: str, rule: str, value: object) -> None:
@@ -78,6 +82,16 @@ class ServerConfig:
     reserve_max_length: bool = False
     #: Reject inputs holding NaN or infinities.
     check_finite: bool = True
+    #: LoRA adapters to load: ``(name, directory)`` pairs, each directory a PEFT checkpoint
+    #: (``adapter_config.json`` + ``adapter_model.safetensors``). Clients pick one by name per
+    #: session or request. Checked against the span when the server starts.
+    adapters: tuple[tuple[str, Path], ...] = ()
+    #: Memory budget, in bytes, of the autograd graphs kept for forwards that asked for it
+    #: (``forward_id``), so that their backward need not recompute them. The least recently
+    #: kept go first beyond it; a forward whose graph alone exceeds it is not kept. 0: none.
+    kept_graph_bytes: int = 1 << 30
+    #: Seconds a kept graph waits for its backward before it is dropped.
+    kept_graph_ttl: float = 60.0
 
     def __post_init__(self) -> None:
         _require(self.dtype in WEIGHT_DTYPES, "dtype", f"one of {WEIGHT_DTYPES}", self.dtype)
@@ -134,3 +148,22 @@ class ServerConfig:
             self.num_threads,
         )
         _require(self.compression in CODECS, "compression", f"one of {CODECS}", self.compression)
+        adapters = tuple((name, Path(path)) for name, path in self.adapters)
+        object.__setattr__(self, "adapters", adapters)  # frozen: normalise str paths once
+        names = [name for name, _ in adapters]
+        _require(
+            len(names) <= MAX_ADAPTERS
+            and all(ADAPTER_NAME.fullmatch(name) for name in names)
+            and len(set(names)) == len(names),
+            "adapters",
+            f"at most {MAX_ADAPTERS} (name, path) pairs with distinct names of 1..64 "
+            "characters of [A-Za-z0-9_.-]",
+            self.adapters,
+        )
+        _require(self.kept_graph_bytes >= 0, "kept_graph_bytes", ">= 0", self.kept_graph_bytes)
+        _require(self.kept_graph_ttl > 0, "kept_graph_ttl", "> 0", self.kept_graph_ttl)
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """Names of the adapters, in the order given."""
+        return tuple(name for name, _ in self.adapters)

@@ -11,14 +11,14 @@ session and releases its pages (synchronously: nothing there can block or be can
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import anyio
 
 from distllm.errors import Busy, DeadlineExceeded, LimitExceeded, RemoteProtocolError
 from distllm.ids import PeerID
-from distllm.protocol.errors import WrongSpan
+from distllm.protocol.errors import UnknownAdapter, WrongSpan
 from distllm.protocol.span_checks import SpanShape, check_backward, check_forward
 from distllm.protocol.span_messages import (
     METHOD_BACKWARD,
@@ -75,8 +75,10 @@ class SpanHandlers:
         compute: ComputeLoop,
         sessions: SessionRegistry,
         info: Callable[[], SpanInfo],
+        adapters: Collection[str] = (),
     ) -> None:
         self._served = served
+        self._adapters = frozenset(adapters)
         self._config = config
         self._compute = compute
         self._sessions = sessions
@@ -103,10 +105,11 @@ class SpanHandlers:
     async def forward(self, caller: PeerID, request: ForwardRequest) -> ForwardResponse:
         self._require_serving()
         self._check_target(request.model, request.start, request.end)
+        self._check_adapter(request.adapter)
         check_forward(request, self._served.shape)
         self._check_request_size(request.hidden.shape)
         compression = self._compression(request.compression, request.hidden.dtype)
-        response = await self._compute.train(request, compression)
+        response = await self._compute.train(request, compression, caller)
         if not isinstance(response, ForwardResponse):  # pragma: no cover - compute contract
             raise TypeError(f"forward produced {type(response).__name__}")
         return response
@@ -114,10 +117,11 @@ class SpanHandlers:
     async def backward(self, caller: PeerID, request: BackwardRequest) -> BackwardResponse:
         self._require_serving()
         self._check_target(request.model, request.start, request.end)
+        self._check_adapter(request.adapter)
         check_backward(request, self._served.shape)
         self._check_request_size(request.hidden.shape)
         compression = self._compression(request.compression, request.hidden.dtype)
-        response = await self._compute.train(request, compression)
+        response = await self._compute.train(request, compression, caller)
         if not isinstance(response, BackwardResponse):  # pragma: no cover - compute contract
             raise TypeError(f"backward produced {type(response).__name__}")
         return response
@@ -157,6 +161,7 @@ class SpanHandlers:
 
     def _admit(self, opening: InferenceOpen, peer: PeerID) -> ServerSession:
         self._check_target(opening.model, opening.start, opening.end)
+        self._check_adapter(opening.adapter)
         config = self._config
         if opening.max_length > config.max_length:
             raise LimitExceeded(
@@ -211,7 +216,12 @@ class SpanHandlers:
                     f"server's max_step_tokens {config.max_step_tokens}"
                 )
             hidden = await self._compute.infer(
-                session.key, message, plan, machine.params.dtype, session.compression
+                session.key,
+                message,
+                plan,
+                machine.params.dtype,
+                session.compression,
+                opening.adapter,
             )
             machine.complete_step(plan)
             await self._send(stream, InferenceOutput(hidden, machine.position, plan.step_id))
@@ -235,6 +245,11 @@ class SpanHandlers:
                 f"this server holds blocks [{served.start}, {served.end}) of {served.model!r}; "
                 f"asked for [{start}, {end}) of {model[:100]!r}"
             )
+
+    def _check_adapter(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self._adapters:
+            loaded = ", ".join(sorted(self._adapters)) or "none"
+            raise UnknownAdapter(f"this server has no adapter {adapter!r} (loaded: {loaded})")
 
     def _check_request_size(self, shape: tuple[int, ...]) -> None:
         tokens = shape[0] * shape[1]

@@ -53,6 +53,7 @@ class InferenceJob(Job):
     plan: StepPlan
     dtype: str  # activation dtype of the output
     compression: str  # codec of the output
+    adapter: str | None = None  # the session's LoRA adapter; None: the plain blocks
     # Compute-thread scratch, set when the first chunk runs:
     hidden: torch.Tensor | None = field(default=None, init=False)  # [B, n, h]
     prompts: torch.Tensor | None = field(default=None, init=False)  # [blocks, B or 1, P, h]
@@ -71,6 +72,7 @@ class TrainingJob(Job):
 
     request: ForwardRequest | BackwardRequest
     compression: str
+    caller: Hashable = None  # who asked: kept graphs (forward_id) belong to a caller
 
     @property
     def kind(self) -> WorkKind:

@@ -24,11 +24,13 @@ import anyio.abc
 import torch
 
 from distllm.model import PagedKVCache, load_span
+from distllm.model.adapters import load_adapters
 from distllm.protocol.span_messages import SpanInfo
 from distllm.rpc import RpcEndpoint
 from distllm.server.backend import SpanBackend
 from distllm.server.compute import ComputeLoop
 from distllm.server.config import ServerConfig
+from distllm.server.graphs import GraphStore
 from distllm.server.handlers import ServedSpan, SpanHandlers
 from distllm.server.sessions import SessionRegistry
 from distllm.server.tensors import TORCH_DTYPES
@@ -169,6 +171,7 @@ class Server:
             max_batch_size=self.config.max_batch_size,
             inference_rps=info.inference_rps,
             forward_rps=info.forward_rps,
+            adapters=self.config.adapter_names,
         )
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -185,6 +188,8 @@ class Server:
             dtype=TORCH_DTYPES[config.dtype],
             quant=config.quant,
         )
+        # Before the cache: an adapter that does not fit fails the start, not a request.
+        adapters = load_adapters(span, config.adapters) if config.adapters else None
         if config.cache_bytes is not None:
             pages = PagedKVCache.pages_for_bytes(span, config.cache_bytes, config.page_size)
             if pages < 1:
@@ -197,6 +202,8 @@ class Server:
             cache,
             max_batch_sessions=config.max_batch_sessions,
             check_finite=config.check_finite,
+            adapters=adapters,
+            graphs=GraphStore(config.kept_graph_bytes, config.kept_graph_ttl),
         )
 
     async def __aenter__(self) -> Self:
@@ -213,7 +220,12 @@ class Server:
         )
         served = ServedSpan(self._model_name, self._start, self._end, backend.span.hidden_size)
         self._handlers = SpanHandlers(
-            served, config, self._compute, self._sessions, self._span_info
+            served,
+            config,
+            self._compute,
+            self._sessions,
+            self._span_info,
+            adapters=config.adapter_names,
         )
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
@@ -251,8 +263,9 @@ class Server:
         try:
             suppress = await task_group.__aexit__(exc_type, exc, tb)
         finally:
-            # The compute loop is done: no thread touches the cache any more.
+            # The compute loop is done: no thread touches the cache or the graphs any more.
             self.backend.release_all()
+            self.backend.drop_graphs()
             # Gone for good: later calls get UnknownMethod, and a new Server (a span move)
             # can register on the same endpoint.
             handlers.unregister(self._rpc)

@@ -267,7 +267,7 @@ class SwarmServer:
             free_cache_tokens=free,
             dtype=self.server_config.dtype,
             quantization=None if self.server_config.quant == "none" else self.server_config.quant,
-            adapters=(),
+            adapters=self.server_config.adapter_names,
             version=self._server.info().version if self._server is not None else "unknown",
         )
 

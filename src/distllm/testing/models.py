@@ -11,6 +11,7 @@ the reference a span must reproduce.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ __all__ = [
     "TINY_FAMILIES",
     "capture_block_io",
     "hf_blocks",
+    "make_tiny_lora",
     "make_tiny_model",
     "tiny_config",
     "tiny_tokenizer",
@@ -92,6 +94,57 @@ def make_tiny_model(
     model.save_pretrained(out, **kwargs)
     if with_tokenizer:
         tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+#: LoRA targets of :func:`make_tiny_lora` per family (attention and MLP projections).
+_LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mixtral": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "bloom": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "falcon": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+}
+
+
+def make_tiny_lora(
+    model_path: str | Path,
+    out_dir: str | Path,
+    *,
+    r: int = 4,
+    seed: int = 0,
+    target_modules: Sequence[str] | None = None,
+) -> Path:
+    """Save a random (non-zero) PEFT LoRA adapter for the tiny checkpoint at ``model_path`` under
+    ``out_dir`` (``adapter_config.json`` + ``adapter_model.safetensors``) and return ``out_dir``.
+
+    ``lora_alpha = 2 * r``; both A and B are random (``init_lora_weights=False``) so the adapter
+    changes the outputs. ``target_modules`` defaults to the family's attention and MLP
+    projections. The same model, ``r``, seed and targets always give the same adapter.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    family = model.config.model_type
+    if target_modules is None:
+        if family not in _LORA_TARGETS:
+            raise ValueError(f"no default LoRA targets for family {family!r}")
+        target_modules = _LORA_TARGETS[family]
+    config = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=list(target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        init_lora_weights=False,
+    )
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    out = Path(out_dir)
+    peft_model.save_pretrained(str(out))
     return out
 
 

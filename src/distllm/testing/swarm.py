@@ -54,10 +54,16 @@ class LocalSwarm:
     def model_name(self) -> str:
         return self.model.name
 
-    async def add_server(self, start: int, end: int) -> SwarmServer:
-        """Start a server for blocks ``[start, end)``; returns once it is ONLINE."""
+    async def add_server(
+        self, start: int, end: int, *, server_config: ServerConfig | None = None
+    ) -> SwarmServer:
+        """Start a server for blocks ``[start, end)``; returns once it is ONLINE.
+        ``server_config`` (e.g. with adapters) replaces the swarm's default for this server."""
         identity = Identity.generate()
-        server: SwarmServer = await self.task_group.start(self._run_server, identity, start, end)
+        config = server_config if server_config is not None else self.server_config
+        server: SwarmServer = await self.task_group.start(
+            self._run_server, identity, start, end, config
+        )
         self.servers.append(server)
         return server
 
@@ -77,6 +83,7 @@ class LocalSwarm:
         identity: Identity,
         start: int,
         end: int,
+        server_config: ServerConfig,
         *,
         task_status: anyio.abc.TaskStatus[SwarmServer],
     ) -> None:
@@ -91,7 +98,7 @@ class LocalSwarm:
                     self.model,
                     initial_peers=self.initial_peers,
                     blocks=(start, end),
-                    server_config=self.server_config,
+                    server_config=server_config,
                     dht_config=self.dht_config,
                     options=SwarmServerOptions(measure_throughput=False, announce_period=5.0),
                 ) as server,
@@ -129,8 +136,14 @@ async def local_swarm(
     transport_config: TransportConfig | None = None,
     dht_config: DHTConfig | None = None,
     rpc_config: RpcConfig | None = None,
+    server_configs: Sequence[ServerConfig | None] | None = None,
 ) -> AsyncIterator[LocalSwarm]:
-    """A bootstrap DHT node plus one server per span, all ONLINE when the block starts."""
+    """A bootstrap DHT node plus one server per span, all ONLINE when the block starts.
+
+    ``server_configs`` (one per span; ``None`` entries use ``server_config``) lets servers
+    differ, e.g. in the LoRA adapters they load."""
+    if server_configs is not None and len(server_configs) != len(spans):
+        raise ValueError(f"{len(server_configs)} server_configs for {len(spans)} spans")
     network = network or MemoryNetwork()
     transport_config = transport_config or TEST_TRANSPORT_CONFIG
     rpc_config = rpc_config or RpcConfig()
@@ -149,7 +162,8 @@ async def local_swarm(
             dht_config=dht_config,
             rpc_config=rpc_config,
         )
-        for start, end in spans:
-            await swarm.add_server(start, end)
+        for index, (start, end) in enumerate(spans):
+            config = server_configs[index] if server_configs is not None else None
+            await swarm.add_server(start, end, server_config=config)
         yield swarm
         tg.cancel_scope.cancel()
