@@ -101,10 +101,16 @@ async def swarm_client(
     config: ClientConfig = FAST,
     server_config: ServerConfig = SERVER_CONFIG,
     transport_config: TransportConfig = TEST_TRANSPORT_CONFIG,
+    server_configs: Sequence[ServerConfig | None] | None = None,
 ) -> AsyncIterator[Harness]:
-    """A local swarm serving ``spans`` of the checkpoint at ``path``, and a client of it."""
+    """A local swarm serving ``spans`` of the checkpoint at ``path``, and a client of it
+    (``server_configs``: one per span, ``None`` for ``server_config``)."""
     async with local_swarm(
-        path, spans, server_config=server_config, transport_config=transport_config
+        path,
+        spans,
+        server_config=server_config,
+        transport_config=transport_config,
+        server_configs=server_configs,
     ) as swarm:
         identity = Identity.generate()
         async with (

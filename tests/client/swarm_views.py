@@ -27,6 +27,7 @@ class Spec:
     forward_rps: float = 1000.0
     free_cache_tokens: int = 4096
     rtt: float | None = None  # None: not measured
+    adapters: tuple[str, ...] = ()
 
 
 def make_view(num_blocks: int, specs: Sequence[Spec]) -> SwarmView:
@@ -46,7 +47,7 @@ def make_view(num_blocks: int, specs: Sequence[Spec]) -> SwarmView:
             free_cache_tokens=spec.free_cache_tokens,
             dtype="float32",
             quantization=None,
-            adapters=(),
+            adapters=spec.adapters,
             version="0.1.0",
         )
         for entry in sign_server_record(IDS[spec.who], record, NOW + 60):

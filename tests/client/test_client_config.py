@@ -18,6 +18,8 @@ from distllm.client import ClientConfig
         ("close_timeout", -1.0, "close_timeout must be a finite number > 0, got -1.0"),
         ("max_retries", -1, "max_retries must be an int >= 0, got -1"),
         ("max_retries", 1.5, "max_retries must be an int >= 0, got 1.5"),
+        ("max_forward_tokens", 0, "max_forward_tokens must be an int >= 1, got 0"),
+        ("max_forward_tokens", True, "max_forward_tokens must be an int >= 1, got True"),
         ("failover_timeout", -0.1, "failover_timeout must be a finite number >= 0, got -0.1"),
         ("ban_base", 0.0, "ban_base must be a finite number > 0, got 0.0"),
         ("ban_factor", 0.5, "ban_factor must be a finite number >= 1, got 0.5"),

@@ -237,3 +237,31 @@ async def test_a_cancelled_step_leaves_the_session_usable(root: Path):
         torch.testing.assert_close(first, expected[0], atol=0, rtol=0)
         torch.testing.assert_close(second, expected[1], atol=1e-5, rtol=1e-4)
         await h.assert_clean()
+
+
+async def test_deep_prompts_are_replayed_to_a_replacement(root: Path):
+    path = tiny_model("llama", root)
+    generator = torch.Generator().manual_seed(3)
+    prompts = torch.randn(4, 1, 3, 64, generator=generator) * 0.5  # [blocks, 1, P=3, h]
+    x = torch.randn(1, 6, 64, generator=generator)
+    steps = [torch.randn(1, 1, 64, generator=generator) for _ in range(3)]
+    async with swarm_client(path, [(0, 2), (2, 4), (2, 4)]) as h:
+        # The reference: the same steps, no failure.
+        async with h.model.inference_session(max_length=16) as session:
+            expected = [await session.step(x, prompts=prompts)]
+            expected += [await session.step(s) for s in steps]
+        async with h.model.inference_session(max_length=16) as session:
+            got = [await session.step(x, prompts=prompts)]
+            got.append(await session.step(steps[0]))
+            victim = session.route[1].peer
+            h.black_hole(victim)
+            got += [await session.step(s) for s in steps[1:]]
+            assert victim not in {hop.peer for hop in session.route}
+            assert session.stats.replayed_tokens == 7
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        # Without the prompts the outputs differ: the replay did carry them.
+        async with h.model.inference_session(max_length=16) as session:
+            plain = await session.step(x)
+        assert not torch.allclose(plain, expected[0], atol=1e-3)
+        await h.assert_clean()

@@ -112,3 +112,36 @@ def test_forward_routes_spread_load_by_throughput():
         plan_forward_route(view, 0, 4, banned=set(), rng=rng)[0].peer for _ in range(2000)
     )
     assert 0.7 < counts[IDS[1].peer_id] / 2000 < 0.8  # 300 / (100 + 300)
+
+
+def test_routes_for_an_adapter_use_only_servers_that_announce_it():
+    view = make_view(
+        4,
+        [
+            Spec(0, 0, 4, inference_rps=1000.0, forward_rps=1e6),  # fastest, plain only
+            Spec(1, 0, 2, adapters=("a",)),
+            Spec(2, 2, 4, adapters=("a", "b")),
+            Spec(3, 2, 4, adapters=("b",)),
+        ],
+    )
+    rng = random.Random(0)
+    a_route = [IDS[1].peer_id, IDS[2].peer_id]
+    assert [
+        h.peer for h in plan_session_route(view, 0, 4, banned=set(), cache_tokens_needed=1)
+    ] == [IDS[0].peer_id]
+    session = plan_session_route(view, 0, 4, banned=set(), cache_tokens_needed=1, adapter="a")
+    assert [h.peer for h in session] == a_route
+    for _ in range(20):
+        route = plan_forward_route(view, 0, 4, banned=set(), rng=rng, adapter="a")
+        assert [h.peer for h in route] == a_route
+    (hop,) = plan_forward_route(view, 2, 4, banned=set(), rng=rng, adapter="b")
+    assert hop.peer in {IDS[2].peer_id, IDS[3].peer_id}
+    with pytest.raises(NoRouteError, match=r"blocks 0, 1 of model 'tiny-llama' with adapter 'b'"):
+        plan_forward_route(view, 0, 4, banned=set(), rng=rng, adapter="b")
+    with pytest.raises(NoRouteError, match="with adapter 'c'") as caught:
+        plan_session_route(view, 0, 4, banned=set(), cache_tokens_needed=1, adapter="c")
+    assert caught.value.blocks == (0, 1, 2, 3) and caught.value.banned == 0
+    # Banned holders of the adapter are counted; plain servers are not.
+    with pytest.raises(NoRouteError, match=r"with adapter 'a' \(banned: 1 peer\)") as caught:
+        plan_session_route(view, 0, 4, banned={IDS[1].peer_id}, cache_tokens_needed=1, adapter="a")
+    assert caught.value.blocks == (0, 1)

@@ -75,6 +75,10 @@ class ClientConfig:
     #: outputs. Replays always travel raw so that a replacement sees exactly what the lost
     #: server saw.
     compression: str | None = None
+    #: Most token positions (rows x length) one forward/backward call sends along one route: a
+    #: larger batch is split into row sub-batches that run concurrently, each on a route of
+    #: its own (load spreads over the servers). A single longer row is sent whole.
+    max_forward_tokens: int = 8192
     #: Cost model of the route planner (hop overhead, penalty for servers short of cache).
     costs: RouteCosts = DEFAULT_COSTS
     #: Settings of the client's RPC endpoint and DHT node (by default its lookups ask every
@@ -98,6 +102,14 @@ class ClientConfig:
             "max_retries",
             "an int >= 0",
             self.max_retries,
+        )
+        _require(
+            isinstance(self.max_forward_tokens, int)
+            and not isinstance(self.max_forward_tokens, bool)
+            and self.max_forward_tokens >= 1,
+            "max_forward_tokens",
+            "an int >= 1",
+            self.max_forward_tokens,
         )
         _require(
             isinstance(self.failover_timeout, int | float)

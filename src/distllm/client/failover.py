@@ -27,18 +27,22 @@ async def plan_replacement(
     *,
     cache_tokens: int,
     deadline: float,
+    adapter: str | None = None,
 ) -> tuple[int, int, list[RouteHop]]:
     """A new route for hops ``first..last`` of ``route`` (``first <= i <= last``), hop ``i``
     having failed with ``error``: for hop ``i``'s blocks alone if possible, else for the fewest
     hops around it (those to the right first: they have not taken the step yet); looking at the
-    swarm again if nothing fits, finally waiting (until ``deadline``) for a ban to end."""
+    swarm again if nothing fits, finally waiting (until ``deadline``) for a ban to end. Only
+    servers that announce ``adapter`` (when one is named) are considered."""
     ranges = sorted(
         ((a, b) for a in range(i + 1) for b in range(i, len(route))),
         key=lambda ab: (ab[1] - ab[0], i - ab[0]),
     )
     for attempt in range(2):
         for a, b in ranges:
-            found = router.try_plan_session(route[a].start, route[b].end, cache_tokens=cache_tokens)
+            found = router.try_plan_session(
+                route[a].start, route[b].end, cache_tokens=cache_tokens, adapter=adapter
+            )
             if found is not None:
                 return a, b, found
         if attempt == 0:
@@ -46,7 +50,7 @@ async def plan_replacement(
     failed = route[i]
     try:
         found = await router.plan_session(
-            failed.start, failed.end, cache_tokens=cache_tokens, deadline=deadline
+            failed.start, failed.end, cache_tokens=cache_tokens, deadline=deadline, adapter=adapter
         )
     except Exception as exc:
         exc.__cause__ = exc.__cause__ or error  # name the failure that started it

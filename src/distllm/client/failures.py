@@ -5,15 +5,27 @@ from __future__ import annotations
 from distllm.client.errors import NoRouteError
 from distllm.client.planner import RouteHop
 from distllm.errors import DistllmError, LocalProtocolError
+from distllm.protocol.span_messages import ADAPTER_NAME
 
-__all__ = ["RouteFailedError", "is_hop_failure"]
+__all__ = ["RouteFailedError", "check_adapter", "is_hop_failure"]
+
+
+def check_adapter(adapter: str | None) -> None:
+    """``ValueError`` for a name no server could have loaded (before anything is sent)."""
+    if adapter is not None and (
+        not isinstance(adapter, str) or ADAPTER_NAME.fullmatch(adapter) is None
+    ):
+        raise ValueError(
+            f"adapter must be None or 1..64 characters of [A-Za-z0-9_.-], got {adapter!r}"
+        )
 
 
 def is_hop_failure(exc: BaseException) -> bool:
     """Does ``exc`` mean "this server failed us" (route around it) rather than a bug of ours?
 
-    Timeouts, lost peers, a peer's errors (``Busy``, ``RemoteError``, ``LimitExceeded``...) and
-    its protocol violations are; ``LocalProtocolError`` (our bug), ``NoRouteError`` (already
+    Timeouts, lost peers, a peer's errors (``Busy``, ``RemoteError`` -- ``UnknownAdapter`` from a
+    server that announced the adapter included --, ``LimitExceeded``...) and its protocol
+    violations are; ``LocalProtocolError`` (our bug), ``NoRouteError`` (already
     the verdict of a failover) and everything else are not.
     """
     if isinstance(exc, LocalProtocolError | NoRouteError):

@@ -8,10 +8,16 @@ from typing import Any
 
 import torch
 
+from distllm.client.autograd import (
+    AsyncCall,
+    Gradients,
+    RemoteBlocks,
+    traced_backward,
+    traced_forward,
+)
 from distllm.client.config import ClientConfig
 from distllm.client.events import EventCallback
 from distllm.client.router import Router
-from distllm.client.sequential import remote_backward, remote_forward
 from distllm.client.session import InferenceSession
 from distllm.model import ClientParts
 from distllm.rpc import RpcEndpoint
@@ -49,23 +55,58 @@ class RemoteModel:
         self.hidden_size = int(parts.config.hidden_size)
 
     def inference_session(
-        self, *, max_length: int, batch_size: int = 1, on_event: EventCallback | None = None
+        self,
+        *,
+        max_length: int,
+        batch_size: int = 1,
+        on_event: EventCallback | None = None,
+        adapter: str | None = None,
     ) -> InferenceSession:
         """A session of ``batch_size`` rows and up to ``max_length`` positions; enter it with
-        ``async with``. ``on_event`` is called with each route event (see ``session.events``)."""
+        ``async with``. ``on_event`` is called with each route event (see ``session.events``).
+        ``adapter``: run every block with this LoRA adapter (only servers announcing it)."""
         return InferenceSession(
-            self, max_length=max_length, batch_size=batch_size, on_event=on_event
+            self, max_length=max_length, batch_size=batch_size, on_event=on_event, adapter=adapter
         )
 
-    async def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    async def forward(
+        self,
+        hidden: torch.Tensor,
+        *,
+        prompts: torch.Tensor | None = None,
+        adapter: str | None = None,
+    ) -> torch.Tensor:
         """``hidden`` ``[b, T, h]`` (embeddings) through every block, causally from position 0
-        (stateless; routed for throughput; a failed server is replaced)."""
-        return await remote_forward(self, hidden)
+        (stateless; routed for throughput; a failed server is replaced). ``prompts``: deep
+        prompts ``[num_blocks, b or 1, P, h]``; ``adapter``: a LoRA adapter the servers load."""
+        output, _ = await traced_forward(self, hidden, prompts, adapter=adapter)
+        return output
 
-    async def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-        """Gradients w.r.t. ``hidden`` given ``grad_output`` w.r.t. the blocks' outputs (the
-        servers recompute their spans; their weights stay frozen)."""
-        return await remote_backward(self, hidden, grad_output)
+    async def backward(
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        *,
+        prompts: torch.Tensor | None = None,
+        adapter: str | None = None,
+    ) -> Gradients:
+        """Gradients w.r.t. ``hidden`` (and ``prompts``, else ``None``) given ``grad_output``
+        w.r.t. the blocks' outputs: a forward whose graphs the servers keep, then a backward
+        through it (the servers' weights stay frozen). To reuse a forward, use
+        :func:`~distllm.client.autograd.traced_forward`/``traced_backward`` or :meth:`blocks`."""
+        if grad_output.shape != hidden.shape:
+            raise ValueError(
+                f"grad_output {list(grad_output.shape)} must be shaped like hidden "
+                f"{list(hidden.shape)}"
+            )
+        _, trace = await traced_forward(self, hidden, prompts, adapter=adapter, keep_graph=True)
+        return await traced_backward(self, trace, grad_output)
+
+    def blocks(self, *, adapter: str | None = None, call: AsyncCall | None = None) -> RemoteBlocks:
+        """Every block as a ``torch.nn.Module`` of a local autograd graph (synchronous: see
+        :class:`~distllm.client.autograd.RemoteBlocks`; ``call`` runs its async work, by default
+        on the loop of the anyio worker thread it is called from)."""
+        return RemoteBlocks(self, adapter=adapter, call=call)
 
     async def refresh(self) -> None:
         """Re-read the swarm's announcements for this model now."""

@@ -159,9 +159,16 @@ class Router:
     # -- planning ------------------------------------------------------------------------------
 
     async def plan_session(
-        self, start: int, end: int, *, cache_tokens: int, deadline: float
+        self,
+        start: int,
+        end: int,
+        *,
+        cache_tokens: int,
+        deadline: float,
+        adapter: str | None = None,
     ) -> list[RouteHop]:
-        """The best route of whole spans for an inference session through ``[start, end)``."""
+        """The best route of whole spans for an inference session through ``[start, end)``
+        (only through servers that announce ``adapter``, when one is named)."""
         return await self._plan(
             lambda banned: plan_session_route(
                 self.view,
@@ -170,14 +177,22 @@ class Router:
                 banned=banned,
                 cache_tokens_needed=cache_tokens,
                 costs=self.config.costs,
+                adapter=adapter,
             ),
             deadline,
         )
 
     async def plan_forward(
-        self, start: int, end: int, *, num_tokens: int, deadline: float
+        self,
+        start: int,
+        end: int,
+        *,
+        num_tokens: int,
+        deadline: float,
+        adapter: str | None = None,
     ) -> list[RouteHop]:
-        """A throughput-spreading route for a forward/backward through ``[start, end)``."""
+        """A throughput-spreading route for a forward/backward through ``[start, end)`` (only
+        through servers that announce ``adapter``, when one is named)."""
         return await self._plan(
             lambda banned: plan_forward_route(
                 self.view,
@@ -187,11 +202,14 @@ class Router:
                 rng=self.rng,
                 num_tokens=num_tokens,
                 costs=self.config.costs,
+                adapter=adapter,
             ),
             deadline,
         )
 
-    def try_plan_forward(self, start: int, end: int, *, num_tokens: int) -> list[RouteHop] | None:
+    def try_plan_forward(
+        self, start: int, end: int, *, num_tokens: int, adapter: str | None = None
+    ) -> list[RouteHop] | None:
         """:meth:`plan_forward` with what is known now: ``None`` instead of refreshing or
         waiting."""
         self.view.expire(time.time())
@@ -204,11 +222,14 @@ class Router:
                 rng=self.rng,
                 num_tokens=num_tokens,
                 costs=self.config.costs,
+                adapter=adapter,
             )
         except NoRouteError:
             return None
 
-    def try_plan_session(self, start: int, end: int, *, cache_tokens: int) -> list[RouteHop] | None:
+    def try_plan_session(
+        self, start: int, end: int, *, cache_tokens: int, adapter: str | None = None
+    ) -> list[RouteHop] | None:
         """:meth:`plan_session` with what is known now: ``None`` instead of refreshing or
         waiting."""
         self.view.expire(time.time())
@@ -220,6 +241,7 @@ class Router:
                 banned=self.banned(),
                 cache_tokens_needed=cache_tokens,
                 costs=self.config.costs,
+                adapter=adapter,
             )
         except NoRouteError:
             return None

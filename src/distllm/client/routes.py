@@ -8,6 +8,9 @@ session), each of its blocks ``1 / rate`` -- and the search is a shortest path o
 boundaries: edges go from ``server.start`` to ``server.end``, always forward, so one pass in
 boundary order is Dijkstra on this DAG. Ties go to fewer hops, then to lower peer ids.
 
+A route for an ``adapter`` (a LoRA adapter the servers load by name) goes only through servers
+that announce it; the others are not there for it.
+
 :func:`plan_forward_route` draws each server's per-block time from an exponential of mean
 ``num_tokens / forward_rps`` (one draw per server, peer id order): an exponential race that
 spreads stateless forward/backward load in proportion to throughput, as the planner does.
@@ -50,6 +53,7 @@ def plan_session_route(
     banned: Set[PeerID],
     cache_tokens_needed: int,
     costs: RouteCosts = DEFAULT_COSTS,
+    adapter: str | None = None,
 ) -> list[RouteHop]:
     """The fastest chain of whole spans for decoding through ``[start, end)``."""
 
@@ -63,7 +67,7 @@ def plan_session_route(
             + (server.end - server.start) * per_block
         )
 
-    return _shortest(view, start, end, banned, cost)
+    return _shortest(view, start, end, banned, cost, adapter)
 
 
 def plan_forward_route(
@@ -75,6 +79,7 @@ def plan_forward_route(
     rng: random.Random,
     num_tokens: int = 1,
     costs: RouteCosts = DEFAULT_COSTS,
+    adapter: str | None = None,
 ) -> list[RouteHop]:
     """A throughput-weighted random chain of whole spans for a stateless forward/backward."""
     if num_tokens < 1:
@@ -88,7 +93,7 @@ def plan_forward_route(
         enter = view.rtt(server.peer) / 2 + costs.hop_overhead
         return enter + (server.end - server.start) * draws[server.peer]
 
-    return _shortest(view, start, end, banned, cost)
+    return _shortest(view, start, end, banned, cost, adapter)
 
 
 def _shortest(
@@ -97,6 +102,7 @@ def _shortest(
     end: int,
     banned: Set[PeerID],
     cost: Callable[[ServerInfo], float],
+    adapter: str | None,
 ) -> list[RouteHop]:
     if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
         raise ValueError(f"range [{start}, {end}) is empty or negative")
@@ -104,7 +110,12 @@ def _shortest(
         raise ValueError(f"range [{start}, {end}) is not within 0..{view.num_blocks}")
     starting_at: dict[int, list[ServerInfo]] = {}
     for server in view.servers.values():  # peer id order: ties keep the lowest peer id
-        if server.peer not in banned and start <= server.start and server.end <= end:
+        if (
+            server.peer not in banned
+            and server.serves(adapter)
+            and start <= server.start
+            and server.end <= end
+        ):
             starting_at.setdefault(server.start, []).append(server)
     # best[b]: (seconds, hops) to reach boundary b; came[b]: the server whose span ends there.
     best: dict[int, tuple[float, int]] = {start: (0.0, 0)}
@@ -119,7 +130,7 @@ def _shortest(
                 best[server.end] = candidate
                 came[server.end] = server
     if end not in best:
-        raise _no_route(view, start, end, banned, max(best))
+        raise _no_route(view, start, end, banned, max(best), adapter)
     route: list[RouteHop] = []
     boundary = end
     while boundary != start:
@@ -131,14 +142,27 @@ def _shortest(
 
 
 def _no_route(
-    view: SwarmView, start: int, end: int, banned: Set[PeerID], furthest: int
+    view: SwarmView,
+    start: int,
+    end: int,
+    banned: Set[PeerID],
+    furthest: int,
+    adapter: str | None,
 ) -> NoRouteError:
-    missing = view.uncovered_blocks(start, end, excluding=banned)
+    error: NoRouteError
+    missing = view.uncovered_blocks(start, end, excluding=banned, adapter=adapter)
     if missing:
-        holders = {s.peer for b in missing for s in view.servers_for_block(b)}
-        return NoRouteError(view.model, missing, banned=len(holders))
-    # Covered, but not by spans that chain: servers that might chain once unbanned count.
-    inside = {s.peer for s in view.servers.values() if start <= s.start and s.end <= end} & set(
-        banned
-    )
-    return MisalignedSpansError(view.model, list(range(furthest, end)), banned=len(inside))
+        holders = {s.peer for b in missing for s in view.servers_for_block(b) if s.serves(adapter)}
+        error = NoRouteError(view.model, missing, banned=len(holders))
+    else:
+        # Covered, but not by spans that chain: servers that might chain once unbanned count.
+        inside = {
+            s.peer
+            for s in view.servers.values()
+            if start <= s.start and s.end <= end and s.serves(adapter)
+        } & set(banned)
+        error = MisalignedSpansError(view.model, list(range(furthest, end)), banned=len(inside))
+    if adapter is not None:  # "... of model 'm' with adapter 'a' ..."
+        named = f"model {view.model!r}"
+        error.args = (str(error).replace(named, f"{named} with adapter {adapter!r}", 1),)
+    return error

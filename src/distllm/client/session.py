@@ -35,7 +35,7 @@ import torch
 
 from distllm.client.events import EventCallback, HopFailed, RouteChanged, SessionEvent, SessionStats
 from distllm.client.failover import Recovery, plan_replacement
-from distllm.client.failures import RouteFailedError, is_hop_failure
+from distllm.client.failures import RouteFailedError, check_adapter, is_hop_failure
 from distllm.client.generation import SamplingParams, generate_text
 from distllm.client.history import History
 from distllm.client.hop import Hop, HopState
@@ -45,6 +45,7 @@ from distllm.protocol.span_messages import InferenceOpen
 
 if TYPE_CHECKING:
     from distllm.client.model import RemoteModel
+    from distllm.wire.tensors import WireTensor
 
 __all__ = ["InferenceSession"]
 
@@ -55,7 +56,9 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
     """``max_length`` positions of ``batch_size`` rows through every block of ``model``.
 
     Use as ``async with model.inference_session(max_length=N) as session``; leaving closes
-    every server's session (end-of-stream; reset on error or cancellation).
+    every server's session (end-of-stream; reset on error or cancellation). With ``adapter``,
+    every hop (replacements too) is a server that announces that LoRA adapter and runs its
+    blocks with it; a server that answers ``UnknownAdapter`` fails like any other.
     """
 
     def __init__(
@@ -65,12 +68,16 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
         max_length: int,
         batch_size: int = 1,
         on_event: EventCallback | None = None,
+        adapter: str | None = None,
     ) -> None:
         if not (isinstance(max_length, int) and max_length >= 1):
             raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        check_adapter(adapter)
         self.model = model
+        #: The LoRA adapter every hop runs its blocks with (``None``: the plain blocks).
+        self.adapter = adapter
         self.max_length = max_length
         self.batch_size = batch_size
         #: Positions every row has been given so far.
@@ -87,6 +94,9 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
         self._closed = False
         #: Left padding per row, set by a step from position 0 and replayed with the history.
         self._padding: tuple[int, ...] | None = None
+        #: Deep prompts ``[num_blocks, b or 1, P, h]`` (activation dtype), sent with every step
+        #: that covers positions below ``P`` -- replays included.
+        self._prompts: torch.Tensor | None = None
         #: Tokens sampled by ``generate`` and not yet fed through the swarm (continuations).
         self.pending_ids: torch.Tensor | None = None
 
@@ -105,7 +115,11 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
         self._tg = tg
         try:
             route = await self._router.plan_session(
-                0, self.model.num_blocks, cache_tokens=self._cache_tokens, deadline=self._deadline()
+                0,
+                self.model.num_blocks,
+                cache_tokens=self._cache_tokens,
+                deadline=self._deadline(),
+                adapter=self.adapter,
             )
             self._hops = [Hop(r, History(), needs_replay=False) for r in route]
             await self._open_all()
@@ -152,6 +166,7 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
         start_from_position: int | None = None,
         hypo_ids: torch.Tensor | None = None,
         padding: Sequence[int] | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run ``hidden`` ``[batch_size, n, hidden_size]`` (the first block's inputs for ``n``
         new tokens per row) through every block; returns the last block's outputs, same shape.
@@ -162,8 +177,15 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
         ``hypo_ids[i]`` (beam search; only rows of equal padding). ``padding``: leading pad
         positions per row (prompts of different lengths), set by a step from position 0; later
         steps pass ``None`` or the same (``protocol/span_session.py``).
+        ``prompts`` (deep prompt tuning) ``[num_blocks, batch_size or 1, P, hidden_size]``:
+        before block ``i``, ``prompts[i]`` is added at each row's first ``P`` positions (of its
+        own sequence, after its padding). The session keeps them and sends each hop its slice
+        with every step that reaches below position ``P``, replays included; new ones replace
+        them.
         """
         start, hypo = self._check_step(hidden, start_from_position, hypo_ids, padding)
+        if prompts is not None:
+            self._prompts = self._checked_prompts(prompts)
         if self._busy:
             raise RuntimeError("another step of this session is running: one at a time")
         self._busy = True
@@ -177,6 +199,32 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
         self.stats.steps += 1
         self.stats.tokens += hidden.shape[1]
         return output.to(hidden.dtype)
+
+    def _checked_prompts(self, prompts: torch.Tensor) -> torch.Tensor:
+        shape = (self.model.num_blocks, self.model.hidden_size)
+        if (
+            prompts.dim() != 4
+            or (prompts.shape[0], prompts.shape[3]) != shape
+            or prompts.shape[1] not in (1, self.batch_size)
+            or not 1 <= prompts.shape[2] <= self.max_length
+        ):
+            raise ValueError(
+                f"prompts must be [{shape[0]}, {self.batch_size} or 1, 1..{self.max_length}, "
+                f"{shape[1]}], got {list(prompts.shape)}"
+            )
+        dtype = TORCH_DTYPES[self._config.activation_dtype]
+        copy = prompts.detach().to(dtype, copy=True).contiguous()
+        if not torch.isfinite(copy).all():
+            raise ValueError("prompts hold NaN or infinite values")
+        return copy
+
+    def _hop_prompts(self, hop: Hop, start: int) -> WireTensor | None:
+        """Hop's slice of the deep prompts, if a step from ``start`` reaches them."""
+        prompts = self._prompts
+        if prompts is None or start >= prompts.shape[2]:
+            return None
+        part = prompts[hop.route.start : hop.route.end].contiguous()
+        return to_wire(part, self._config.activation_dtype)
 
     def _check_step(
         self,
@@ -254,7 +302,9 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
                 try:
                     hop = await self._ready(i)
                     with anyio.fail_after(config.step_timeout):
-                        out = await hop.step(wire, start, hypo_wire, padding)
+                        out = await hop.step(
+                            wire, start, hypo_wire, padding, self._hop_prompts(hop, start)
+                        )
                 except Exception as exc:
                     if not is_hop_failure(exc):
                         self._reset(i, exc)
@@ -300,6 +350,7 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
             session_id=self._session_id,
             dtype=config.activation_dtype,
             compression=config.compression,
+            adapter=self.adapter,
         )
         await self._tg.start(
             hop.run,
@@ -349,6 +400,7 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
                     0,
                     None,
                     self._padding,
+                    self._hop_prompts(hop, 0),
                 )
             self.stats.replayed_tokens += history.length
             if following is not None and following.history is None:
@@ -380,6 +432,7 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
             error,
             cache_tokens=self._cache_tokens,
             deadline=recovery.scope.deadline,
+            adapter=self.adapter,
         )
         start = self._hops[first].route.start
         # The state the new first hop must rebuild: as it was before this step.

@@ -68,8 +68,17 @@ class ServerInfo:
     def free_cache_tokens(self) -> int:
         return self.record.free_cache_tokens
 
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """Names of the adapters the server announces it has loaded."""
+        return self.record.adapters
+
     def holds(self, block: int) -> bool:
         return self.start <= block < self.end
+
+    def serves(self, adapter: str | None) -> bool:
+        """Can it run its blocks with ``adapter`` (``None``: the plain blocks, always)?"""
+        return adapter is None or adapter in self.record.adapters
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,17 +179,22 @@ class SwarmView:
         return list(self._by_block[block])
 
     def uncovered_blocks(
-        self, start: int = 0, end: int | None = None, *, excluding: Set[PeerID] = frozenset()
+        self,
+        start: int = 0,
+        end: int | None = None,
+        *,
+        excluding: Set[PeerID] = frozenset(),
+        adapter: str | None = None,
     ) -> list[int]:
         """Blocks of ``[start, end)`` (default: the whole model) that no routable server outside
-        ``excluding`` holds."""
+        ``excluding`` holds (with ``adapter`` loaded, when one is named)."""
         end = self.num_blocks if end is None else end
         if not 0 <= start <= end <= self.num_blocks:
             raise ValueError(f"range [{start}, {end}) is not within 0..{self.num_blocks}")
         return [
             b
             for b in range(start, end)
-            if all(info.peer in excluding for info in self._by_block[b])
+            if all(info.peer in excluding or not info.serves(adapter) for info in self._by_block[b])
         ]
 
     # -- internals -----------------------------------------------------------------------------

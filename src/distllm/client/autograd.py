@@ -1,0 +1,602 @@
+"""Remote autograd through every block of a model: a traced forward, a backward over the trace.
+
+:func:`traced_forward` sends hidden states (and deep prompts, sliced per hop) hop by hop along a
+route chosen for throughput (:func:`~distllm.client.routes.plan_forward_route`), one unary
+``span.forward`` per hop, and records a :class:`ForwardTrace`: per sub-batch, per hop, the
+server, its inputs, its prompt slice and the ``forward_id`` it was asked to keep its autograd
+graph under. A batch of more than ``ClientConfig.max_forward_tokens`` tokens is split into row
+sub-batches that run concurrently, each on a route drawn for itself.
+
+:func:`traced_backward` walks each sub-batch's hops in reverse with ``span.backward``, naming
+each hop's ``forward_id`` (the server reuses the kept graph, or recomputes from the recorded
+inputs when it no longer has it). A hop that fails -- in the forward or the backward -- bans its
+server; its blocks are re-planned, its recorded inputs forwarded through the replacement(s)
+and, in a backward, the gradient taken through them: same results, within the bounds of
+``max_retries`` failovers and ``failover_timeout`` (then ``RouteFailedError``).
+
+:class:`RemoteBlocks` puts both behind a ``torch.autograd.Function`` so that remote blocks sit
+in a local graph (prompt tuning, a local embedding or head being trained); autograd is
+synchronous, so it runs the async calls through ``call`` (by default on the event loop of the
+worker thread it runs in: ``await anyio.to_thread.run_sync(train_step)``).
+
+The servers' weights stay frozen: only the hidden states and the deep prompts get gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, cast
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import torch
+from torch import nn
+
+from distllm.client.failures import RouteFailedError, check_adapter, is_hop_failure
+from distllm.client.planner import RouteHop
+from distllm.client.tensors import TORCH_DTYPES, from_wire, to_wire
+from distllm.errors import RemoteError, RemoteProtocolError
+from distllm.protocol.span_messages import (
+    METHOD_BACKWARD,
+    METHOD_FORWARD,
+    BackwardRequest,
+    BackwardResponse,
+    ForwardRequest,
+    ForwardResponse,
+)
+
+if TYPE_CHECKING:
+    from distllm.client.model import RemoteModel
+
+__all__ = [
+    "AsyncCall",
+    "ForwardTrace",
+    "Gradients",
+    "HopCall",
+    "RemoteBlocks",
+    "RemoteBlocksFunction",
+    "SubBatch",
+    "traced_backward",
+    "traced_forward",
+]
+
+T = TypeVar("T")
+
+#: Bytes of a fresh ``forward_id``.
+_FORWARD_ID_BYTES = 16
+
+
+# -- the trace ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HopCall:
+    """One ``span.forward`` of a traced forward: what a backward through it needs."""
+
+    hop: RouteHop
+    inputs: torch.Tensor  # [rows, T, h] in the activation dtype: exactly what the server saw
+    prompts: torch.Tensor | None  # [hop blocks, rows or 1, P, h]: the hop's slice
+    forward_id: bytes | None  # the graph the server was asked to keep; None: not asked
+
+
+@dataclass(frozen=True, slots=True)
+class SubBatch:
+    """Rows ``rows`` of the batch, sent through ``calls`` (in block order)."""
+
+    rows: slice
+    calls: tuple[HopCall, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardTrace:
+    """What :func:`traced_forward` did, for :func:`traced_backward`."""
+
+    adapter: str | None
+    shape: tuple[int, ...]  # of hidden (and of the output, and of grad_output)
+    dtype: torch.dtype  # of hidden
+    device: torch.device  # of hidden
+    prompts_shape: tuple[int, ...] | None  # [num_blocks, b or 1, P, h]; None: no prompts
+    prompts_dtype: torch.dtype | None
+    parts: tuple[SubBatch, ...]
+
+
+class Gradients(NamedTuple):
+    """Gradients of a loss w.r.t. the blocks' inputs and (when given) the deep prompts."""
+
+    hidden: torch.Tensor
+    prompts: torch.Tensor | None
+
+
+# -- forward and backward ----------------------------------------------------------------------
+
+
+async def traced_forward(
+    model: RemoteModel,
+    hidden: torch.Tensor,
+    prompts: torch.Tensor | None = None,
+    *,
+    adapter: str | None = None,
+    keep_graph: bool = False,
+) -> tuple[torch.Tensor, ForwardTrace]:
+    """``hidden`` ``[b, T, h]`` through every block (causally from position 0), and the trace.
+
+    ``prompts`` ``[num_blocks, b or 1, P <= T, h]``: deep prompts of the whole model, added
+    before each block to the first ``P`` positions. ``adapter``: run the blocks with this LoRA
+    adapter (only servers announcing it are used). ``keep_graph``: ask every server to keep its
+    autograd graph for the backward (each hop call gets a fresh random ``forward_id``).
+    """
+    check_adapter(adapter)
+    x = _activations(model, hidden)
+    p = _deep_prompts(model, prompts, x)
+    runs = [
+        functools.partial(
+            _forward_part, model, rows, x[rows], _rows_of(p, rows), adapter, keep_graph
+        )
+        for rows in _row_slices(x, model.client_config.max_forward_tokens)
+    ]
+    results = await _concurrently(runs)
+    output = torch.cat([y for _, y in results]) if len(results) > 1 else results[0][1]
+    trace = ForwardTrace(
+        adapter=adapter,
+        shape=tuple(hidden.shape),
+        dtype=hidden.dtype,
+        device=hidden.device,
+        prompts_shape=None if prompts is None else tuple(prompts.shape),
+        prompts_dtype=None if prompts is None else prompts.dtype,
+        parts=tuple(part for part, _ in results),
+    )
+    return output.to(hidden.device, hidden.dtype), trace
+
+
+async def traced_backward(
+    model: RemoteModel, trace: ForwardTrace, grad_output: torch.Tensor
+) -> Gradients:
+    """Gradients w.r.t. the traced forward's ``hidden`` and ``prompts`` (``None`` without
+    prompts; summed over the rows when the prompts had batch 1), given ``grad_output``
+    w.r.t. its output (same shape)."""
+    if tuple(grad_output.shape) != trace.shape:
+        raise ValueError(
+            f"grad_output {list(grad_output.shape)} must be shaped like the forward's hidden "
+            f"{list(trace.shape)}"
+        )
+    dtype = TORCH_DTYPES[model.client_config.activation_dtype]
+    g = _finite(grad_output.detach().to(device="cpu", dtype=dtype), "grad_output")
+    runs = [
+        functools.partial(_backward_part, model, trace, part, g[part.rows]) for part in trace.parts
+    ]
+    results = await _concurrently(runs)
+    grad_hidden = torch.cat([gh for gh, _ in results]) if len(results) > 1 else results[0][0]
+    grad_prompts = None
+    if trace.prompts_shape is not None:
+        assert trace.prompts_dtype is not None
+        accumulated = [gp for _, gp in results if gp is not None]
+        if trace.prompts_shape[1] == 1:  # shared by every row: their gradients add up
+            total = functools.reduce(torch.add, accumulated)
+        else:  # [num_blocks, b, P, h]: the sub-batches' rows side by side
+            total = torch.cat(accumulated, dim=1)
+        grad_prompts = total.to(trace.device, trace.prompts_dtype)
+    return Gradients(grad_hidden.to(trace.device, trace.dtype), grad_prompts)
+
+
+async def _forward_part(
+    model: RemoteModel,
+    rows: slice,
+    x: torch.Tensor,
+    prompts: torch.Tensor | None,
+    adapter: str | None,
+    keep_graph: bool,
+) -> tuple[SubBatch, torch.Tensor]:
+    with anyio.CancelScope() as scope:
+        budget = _Budget(model, scope)
+        calls, y = await _forward_range(
+            model, 0, model.num_blocks, x, prompts, budget, adapter, keep_graph
+        )
+    budget.check()
+    return SubBatch(rows, tuple(calls)), y
+
+
+async def _backward_part(
+    model: RemoteModel, trace: ForwardTrace, part: SubBatch, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    grad_prompts = None
+    if trace.prompts_shape is not None:
+        n, batch, length, h = trace.prompts_shape
+        rows = 1 if batch == 1 else grad.shape[0]
+        grad_prompts = torch.zeros(n, rows, length, h, dtype=grad.dtype)
+    with anyio.CancelScope() as scope:
+        budget = _Budget(model, scope)
+        grad = await _backward_calls(model, part.calls, grad, grad_prompts, budget, trace.adapter)
+    budget.check()
+    return grad, grad_prompts
+
+
+class _Budget:
+    """One sub-batch's failovers: at most ``max_retries``, and from the first one on, the whole
+    call must end within ``failover_timeout`` (``scope`` is around it)."""
+
+    def __init__(self, model: RemoteModel, scope: anyio.CancelScope) -> None:
+        self.model = model
+        self.scope = scope
+        self.failures = 0
+        self.last: tuple[RouteHop, Exception] | None = None
+
+    def wait_deadline(self) -> float:
+        """How long a plan may wait for bans to end."""
+        if self.last is None:
+            return anyio.current_time() + self.model.client_config.failover_timeout
+        return self.scope.deadline
+
+    def failed(self, hop: RouteHop, error: Exception) -> None:
+        """Ban ``hop``'s server (unless a concurrent sub-batch just did); raise once the call
+        is out of retries."""
+        router = self.model.router
+        if hop.peer not in router.banned():
+            router.ban(hop.peer, error)
+        self.failures += 1
+        if self.last is None:
+            self.scope.deadline = anyio.current_time() + self.model.client_config.failover_timeout
+        self.last = (hop, error)
+        if self.failures > self.model.client_config.max_retries:
+            raise RouteFailedError(self.model.name, hop, self.failures, error) from error
+
+    def check(self) -> None:
+        """After the scope: raise if the failovers ran out of time."""
+        if self.scope.cancelled_caught and self.last is not None:
+            hop, error = self.last
+            within = self.model.client_config.failover_timeout
+            raise RouteFailedError(
+                self.model.name, hop, self.failures, error, within=within
+            ) from error
+
+
+async def _forward_range(
+    model: RemoteModel,
+    start: int,
+    end: int,
+    x: torch.Tensor,
+    prompts: torch.Tensor | None,
+    budget: _Budget,
+    adapter: str | None,
+    keep_graph: bool,
+) -> tuple[list[HopCall], torch.Tensor]:
+    """Blocks ``[start, end)`` over ``x`` (``prompts``: theirs, ``[end - start, ...]``): the
+    hop calls made, and the output. A failed hop is re-planned from its blocks on."""
+    calls: list[HopCall] = []
+    block = start
+    tokens = x.shape[0] * x.shape[1]
+    router = model.router
+    while block < end:
+        route = router.try_plan_forward(block, end, num_tokens=tokens, adapter=adapter)
+        while route is None and calls:
+            # Servers serve whole spans: the rest may chain only from an earlier boundary.
+            popped = calls.pop()
+            block, x = popped.hop.start, popped.inputs
+            route = router.try_plan_forward(block, end, num_tokens=tokens, adapter=adapter)
+        if route is None:  # from the start, refreshing and waiting for bans to end
+            route = await router.plan_forward(
+                block, end, num_tokens=tokens, deadline=budget.wait_deadline(), adapter=adapter
+            )
+        for hop in route:
+            call = HopCall(
+                hop,
+                x,
+                None if prompts is None else prompts[hop.start - start : hop.end - start],
+                os.urandom(_FORWARD_ID_BYTES) if keep_graph else None,
+            )
+            try:
+                call, y = await _call_forward(model, call, adapter)
+            except Exception as exc:
+                if not is_hop_failure(exc):
+                    raise
+                budget.failed(hop, exc)
+                break  # re-plan from this hop's blocks on
+            router.on_success(hop.peer)
+            calls.append(call)
+            x, block = y, hop.end
+    return calls, x
+
+
+async def _backward_calls(
+    model: RemoteModel,
+    calls: Sequence[HopCall],
+    grad: torch.Tensor,
+    grad_prompts: torch.Tensor | None,
+    budget: _Budget,
+    adapter: str | None,
+) -> torch.Tensor:
+    """``grad`` w.r.t. the last call's output -> w.r.t. the first call's inputs; each call's
+    prompt gradients are written into ``grad_prompts`` at its blocks. A failed call is replaced
+    by a forward + backward over its blocks on other servers."""
+    for call in reversed(calls):
+        try:
+            grad_inputs, grad_slice = await _call_backward(model, call, grad, adapter)
+        except Exception as exc:
+            if not is_hop_failure(exc):
+                raise
+            budget.failed(call.hop, exc)
+            hop = call.hop
+            replacement, _ = await _forward_range(
+                model, hop.start, hop.end, call.inputs, call.prompts, budget, adapter, True
+            )
+            grad = await _backward_calls(model, replacement, grad, grad_prompts, budget, adapter)
+            continue
+        model.router.on_success(call.hop.peer)
+        if grad_prompts is not None and grad_slice is not None:
+            grad_prompts[call.hop.start : call.hop.end] = grad_slice
+        grad = grad_inputs
+    return grad
+
+
+# -- one hop -----------------------------------------------------------------------------------
+
+
+async def _call_forward(
+    model: RemoteModel, call: HopCall, adapter: str | None
+) -> tuple[HopCall, torch.Tensor]:
+    """The call as made (its inputs as the server decodes them) and the hop's output."""
+    config = model.client_config
+    hop, dtype = call.hop, config.activation_dtype
+    wire = to_wire(call.inputs, dtype, config.compression or "none")
+    if config.compression not in (None, "none"):
+        call = dataclasses.replace(call, inputs=from_wire(wire))  # what a backward must send
+    request = ForwardRequest(
+        model.name,
+        hop.start,
+        hop.end,
+        wire,
+        None if call.prompts is None else to_wire(call.prompts, dtype),
+        config.compression,
+        adapter,
+        call.forward_id,
+    )
+    response = await model.rpc.call(
+        hop.address,
+        METHOD_FORWARD,
+        request,
+        timeout=config.step_timeout,
+        response_type=ForwardResponse,
+    )
+    return call, _checked(from_wire(response.hidden), call.inputs, hop, "forward")
+
+
+async def _call_backward(
+    model: RemoteModel, call: HopCall, grad: torch.Tensor, adapter: str | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients w.r.t. the call's inputs and prompts. A server that no longer knows the
+    call's ``forward_id`` at all (``UnknownForward``: it restarted) is asked once more to
+    recompute from the inputs."""
+    try:
+        return await _request_backward(model, call, grad, adapter, call.forward_id)
+    except RemoteError as exc:
+        if exc.type_name != "UnknownForward" or call.forward_id is None:
+            raise
+    return await _request_backward(model, call, grad, adapter, None)
+
+
+async def _request_backward(
+    model: RemoteModel,
+    call: HopCall,
+    grad: torch.Tensor,
+    adapter: str | None,
+    forward_id: bytes | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    config = model.client_config
+    hop, dtype, codec = call.hop, config.activation_dtype, config.compression or "none"
+    request = BackwardRequest(
+        model.name,
+        hop.start,
+        hop.end,
+        to_wire(call.inputs, dtype),  # as the server saw them in the forward (decoded)
+        to_wire(grad, dtype, codec),
+        None if call.prompts is None else to_wire(call.prompts, dtype),
+        config.compression,
+        adapter,
+        forward_id,
+    )
+    response = await model.rpc.call(
+        hop.address,
+        METHOD_BACKWARD,
+        request,
+        timeout=config.step_timeout,
+        response_type=BackwardResponse,
+    )
+    grad_inputs = _checked(from_wire(response.grad_inputs), call.inputs, hop, "backward")
+    if call.prompts is None:
+        return grad_inputs, None
+    if response.grad_prompts is None:
+        raise RemoteProtocolError(f"{hop.peer!r} answered a backward with prompts without theirs")
+    grad_prompts = _checked(from_wire(response.grad_prompts), call.prompts, hop, "backward")
+    return grad_inputs, grad_prompts
+
+
+def _checked(result: torch.Tensor, like: torch.Tensor, hop: RouteHop, what: str) -> torch.Tensor:
+    if result.shape != like.shape or result.dtype != like.dtype:
+        raise RemoteProtocolError(
+            f"{hop.peer!r} answered a {what} of {like.dtype}{list(like.shape)} with "
+            f"{result.dtype}{list(result.shape)}"
+        )
+    return result
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+
+def _activations(model: RemoteModel, hidden: torch.Tensor) -> torch.Tensor:
+    if hidden.dim() != 3 or hidden.shape[-1] != model.hidden_size or not hidden.shape[1]:
+        raise ValueError(
+            f"hidden must be [b, T >= 1, {model.hidden_size}], got {list(hidden.shape)}"
+        )
+    if not hidden.shape[0]:
+        raise ValueError("hidden must have at least one row")
+    dtype = TORCH_DTYPES[model.client_config.activation_dtype]
+    return _finite(hidden.detach().to(device="cpu", dtype=dtype).contiguous(), "hidden")
+
+
+def _deep_prompts(
+    model: RemoteModel, prompts: torch.Tensor | None, x: torch.Tensor
+) -> torch.Tensor | None:
+    if prompts is None:
+        return None
+    b, length, h = x.shape
+    if (
+        prompts.dim() != 4
+        or prompts.shape[0] != model.num_blocks
+        or prompts.shape[1] not in (1, b)
+        or not 1 <= prompts.shape[2] <= length
+        or prompts.shape[3] != h
+    ):
+        raise ValueError(
+            f"prompts must be [{model.num_blocks}, {b} or 1, 1..{length}, {h}] "
+            f"(num_blocks, batch, prompt length <= tokens, hidden), got {list(prompts.shape)}"
+        )
+    return _finite(prompts.detach().to(device="cpu", dtype=x.dtype).contiguous(), "prompts")
+
+
+def _finite(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t``, unless it holds NaN or infinities: the caller's bad input is no server's fault."""
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} holds NaN or infinite values (as {t.dtype})")
+    return t
+
+
+def _row_slices(x: torch.Tensor, max_tokens: int) -> list[slice]:
+    """Rows of ``x`` ``[b, T, h]`` in sub-batches of at most ``max_tokens`` tokens (at least
+    one row each)."""
+    b, length = x.shape[0], x.shape[1]
+    per = max(1, max_tokens // length)
+    return [slice(i, min(i + per, b)) for i in range(0, b, per)]
+
+
+def _rows_of(prompts: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    if prompts is None or prompts.shape[1] == 1:
+        return prompts
+    return prompts[:, rows].contiguous()
+
+
+async def _concurrently(runs: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Every ``run()`` at once; their results in order. The first failure cancels the others
+    and is raised as it is (not in an exception group)."""
+    if len(runs) == 1:
+        return [await runs[0]()]
+    results: dict[int, T] = {}
+    errors: list[Exception] = []
+
+    async def one(i: int, run: Callable[[], Awaitable[T]]) -> None:
+        try:
+            results[i] = await run()
+        except Exception as exc:
+            errors.append(exc)
+            tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        for i, run in enumerate(runs):
+            tg.start_soon(one, i, run)
+    if errors:
+        raise errors[0]
+    return [results[i] for i in range(len(runs))]
+
+
+# -- torch autograd ----------------------------------------------------------------------------
+
+
+class AsyncCall(Protocol):
+    """Runs an async function to completion from synchronous code (another thread than the
+    event loop's), e.g. ``Runtime.call`` of the Hugging Face face."""
+
+    def __call__(self, func: Callable[[], Awaitable[T]], /) -> T: ...
+
+
+class _LoopCall:
+    """:class:`AsyncCall` onto the event loop of the anyio worker thread that created it
+    (``anyio.to_thread.run_sync``); usable from any thread afterwards (torch may run a
+    backward on a device thread of its own)."""
+
+    def __init__(self) -> None:
+        try:
+            self._token = anyio.from_thread.run_sync(anyio.lowlevel.current_token)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                "RemoteBlocks without `call` must run in a worker thread of an anyio event "
+                "loop (e.g. `await anyio.to_thread.run_sync(step)`); elsewhere pass `call`"
+            ) from exc
+
+    def __call__(self, func: Callable[[], Awaitable[T]], /) -> T:
+        return anyio.from_thread.run(_awaited, func, token=self._token)
+
+
+async def _awaited(func: Callable[[], Awaitable[T]]) -> T:
+    return await func()
+
+
+class RemoteBlocksFunction(torch.autograd.Function):
+    """Every block of a remote model as one autograd node: ``(hidden, prompts) -> hidden``.
+
+    ``apply(hidden, prompts, model, adapter, call, keep_graph)``; gradients flow to ``hidden``
+    and ``prompts`` (the servers' weights are frozen).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *args: Any) -> torch.Tensor:
+        hidden, prompts, model, adapter, call, keep_graph = args
+        output, trace = call(
+            functools.partial(
+                traced_forward, model, hidden, prompts, adapter=adapter, keep_graph=keep_graph
+            )
+        )
+        ctx.remote = (model, trace, call)
+        return cast(torch.Tensor, output)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Any) -> tuple[torch.Tensor | None, ...]:
+        (grad_output,) = grad_outputs
+        model, trace, call = ctx.remote
+        grads: Gradients = call(functools.partial(traced_backward, model, trace, grad_output))
+        ctx.remote = None  # the trace holds every hop's inputs: free them now
+        needs = ctx.needs_input_grad
+        return (
+            grads.hidden if needs[0] else None,
+            grads.prompts if needs[1] else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+class RemoteBlocks(nn.Module):
+    """Every block of ``model`` as a module of a local graph: ``forward(hidden, prompts=None)``
+    ``[b, T, h] -> [b, T, h]`` (causal from position 0; deep ``prompts`` ``[num_blocks, b or 1,
+    P, h]``), differentiable w.r.t. ``hidden`` and ``prompts``.
+
+    Synchronous, like autograd: each call runs the async work through ``call`` -- by default on
+    the event loop of the anyio worker thread it is called in. Servers are asked to keep their
+    autograd graphs only when a gradient will be needed (grad mode on and an input requiring
+    it). With ``adapter``, only servers that announce it are used, and they run it.
+    """
+
+    def __init__(
+        self, model: RemoteModel, *, adapter: str | None = None, call: AsyncCall | None = None
+    ) -> None:
+        super().__init__()
+        check_adapter(adapter)
+        self.remote = model
+        self.adapter = adapter
+        self.call = call
+
+    def forward(self, hidden: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        needs_grad = hidden.requires_grad or (prompts is not None and prompts.requires_grad)
+        keep_graph = torch.is_grad_enabled() and needs_grad
+        call = self.call if self.call is not None else _LoopCall()
+        output = RemoteBlocksFunction.apply(  # type: ignore[no-untyped-call]
+            hidden, prompts, self.remote, self.adapter, call, keep_graph
+        )
+        return cast(torch.Tensor, output)
+
+    def extra_repr(self) -> str:
+        adapter = f", adapter={self.adapter!r}" if self.adapter is not None else ""
+        return f"{self.remote.name!r}, {self.remote.num_blocks} blocks{adapter}"
