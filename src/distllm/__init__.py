@@ -33,11 +33,16 @@ if TYPE_CHECKING:
 # The Hugging Face face (imports transformers too), lazily like the client names below.
 if TYPE_CHECKING:
     from distllm.client.hf import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
+    from distllm.client.hf_classification import (
+        AutoDistributedModelForSequenceClassification,
+        DistributedModelForSequenceClassification,
+    )
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AutoDistributedModelForCausalLM",
+    "AutoDistributedModelForSequenceClassification",
     "Busy",
     "Client",
     "ClientConfig",
@@ -45,6 +50,7 @@ __all__ = [
     "DeadlineExceeded",
     "DistllmError",
     "DistributedModelForCausalLM",
+    "DistributedModelForSequenceClassification",
     "Identity",
     "LimitExceeded",
     "LocalProtocolError",
@@ -77,6 +83,8 @@ _LAZY.update(
     {
         "AutoDistributedModelForCausalLM": "distllm.client.hf",
         "DistributedModelForCausalLM": "distllm.client.hf",
+        "AutoDistributedModelForSequenceClassification": "distllm.client.hf_classification",
+        "DistributedModelForSequenceClassification": "distllm.client.hf_classification",
     }
 )
 

@@ -6,6 +6,9 @@ Public names (imported on first use, so that the pure routing cores -- ``swarm``
 - :class:`Client` -- a peer of the swarm (transport, RPC, DHT node in client mode);
 - :class:`RemoteModel` -- a model's local parts and routing state (``client.model(...)``);
 - :class:`InferenceSession` -- a session through a chain of servers, with failover;
+- :class:`RemoteBlocks` -- every block as a module of a local autograd graph
+  (``model.blocks()``), and :class:`Gradients` (``model.backward``);
+- :class:`PromptTuning` -- trainable (deep) prompts for prompt tuning (``client/ptune.py``);
 - :class:`ClientConfig`, the errors :class:`NoRouteError` and :class:`RouteFailedError`, and the
   session events :class:`RouteChanged`, :class:`HopFailed`, :class:`SessionStats`.
 """
@@ -16,6 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from distllm.client.autograd import Gradients, RemoteBlocks
     from distllm.client.client import Client
     from distllm.client.config import ClientConfig
     from distllm.client.errors import NoRouteError
@@ -23,14 +27,18 @@ if TYPE_CHECKING:
     from distllm.client.failures import RouteFailedError
     from distllm.client.model import RemoteModel
     from distllm.client.planner import RouteHop
+    from distllm.client.ptune import PromptTuning
     from distllm.client.session import InferenceSession
 
 __all__ = [
     "Client",
     "ClientConfig",
+    "Gradients",
     "HopFailed",
     "InferenceSession",
     "NoRouteError",
+    "PromptTuning",
+    "RemoteBlocks",
     "RemoteModel",
     "RouteChanged",
     "RouteFailedError",
@@ -41,9 +49,12 @@ __all__ = [
 _HOMES = {
     "Client": "client",
     "ClientConfig": "config",
+    "Gradients": "autograd",
     "HopFailed": "events",
     "InferenceSession": "session",
     "NoRouteError": "errors",
+    "PromptTuning": "ptune",
+    "RemoteBlocks": "autograd",
     "RemoteModel": "model",
     "RouteChanged": "events",
     "RouteFailedError": "failures",

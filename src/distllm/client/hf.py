@@ -12,7 +12,17 @@ criteria, streamers); only where its KV cache would be, a :class:`RemoteCache` s
 decoding step is one step of a remote inference session (see :mod:`distllm.client.hf_session`
 for how beam reorders and left padding map onto it). Outside ``model.inference_session(...)``
 every ``generate`` opens its own session and closes it; inside, they all continue that one.
-``model(input_ids)`` is a full forward through the swarm (no session).
+``model(input_ids)`` is a full forward through the swarm (no session); when gradients are
+needed (trainable prompts, unfrozen embeddings) it runs through :class:`RemoteBlocks`, whose
+backward asks the servers for the gradients of their inputs and of the deep prompts.
+
+Fine-tuning (``docs/finetuning.md``): ``tuning_mode="ptune"|"deep_ptune"`` adds a trainable
+:class:`~distllm.client.ptune.PromptTuning` (the model's only trainable parameters: the local
+parts are frozen, as in Petals; unfreeze them by hand if you mean to); ``adapter=NAME`` makes
+every remote call use the servers' LoRA adapter ``NAME``; client-side LoRA is plain PEFT
+(``peft.get_peft_model(model, LoraConfig(target_modules=["lm_head"]))``).
+:class:`DistributedPreTrainedModel` holds what every head shares (the sequence classifier is in
+:mod:`distllm.client.hf_classification`).
 
 It is synchronous: the async client runs on an event loop in one daemon thread that the model
 owns and :meth:`DistributedModelForCausalLM.close` stops (:mod:`distllm.client.hf_runtime`).
@@ -21,22 +31,23 @@ owns and :meth:`DistributedModelForCausalLM.close` stops (:mod:`distllm.client.h
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
-from distllm.client.hf_masks import real_spans
+from distllm.client.hf_masks import drop_prefix, insert_prefix, leading_pads, real_spans
 from distllm.client.hf_runtime import Runtime
-from distllm.client.hf_session import DistributedSession, RemoteCache
+from distllm.client.hf_session import DistributedSession, RemoteCache, SessionPrompts
+from distllm.client.ptune import DEFAULT_INIT_STD, TUNING_MODES, PromptTuning
 
 if TYPE_CHECKING:
     from anyio.from_thread import BlockingPortal
@@ -46,13 +57,20 @@ if TYPE_CHECKING:
     from distllm.client.model import RemoteModel
     from distllm.ids import PeerAddress
 
-__all__ = ["AutoDistributedModelForCausalLM", "DistributedModelForCausalLM"]
+__all__ = [
+    "AutoDistributedModelForCausalLM",
+    "DistributedModelForCausalLM",
+    "DistributedPreTrainedModel",
+]
+
+M = TypeVar("M", bound="DistributedPreTrainedModel")
 
 
-class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ignore[no-untyped-call]
-    """A causal LM of any supported family whose blocks are served by a swarm.
+class DistributedPreTrainedModel(PreTrainedModel):  # type: ignore[no-untyped-call]
+    """What every distributed head shares: the local parts, the swarm behind them, the runtime
+    that reaches it, the optional trainable prompts and the server-side adapter's name.
 
-    Build it with :meth:`from_pretrained`. Close it with :meth:`close` or ``with model:``.
+    Build a subclass with ``from_pretrained``. Close it with :meth:`close` or ``with model:``.
     """
 
     config_class = PretrainedConfig  # one class serves every family: it holds no blocks
@@ -69,30 +87,52 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         config: PretrainedConfig,
         remote: RemoteModel,
         runtime: Runtime,
-        generation_config: GenerationConfig | None = None,
+        *,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        adapter: str | None = None,
     ) -> None:
         super().__init__(config)
         self.remote = remote
-        self.parts = parts = remote.parts  # embeddings, final norm, LM head: local
+        self.parts = parts = remote.parts  # embeddings, final norm (, LM head): local
         # Registered as submodules: .device, .dtype, .parameters() and state_dict() see them.
         self.embed_tokens = parts.embed_tokens
         self.embed_norm = parts.embed_norm
         self.final_norm = parts.final_norm
-        self.lm_head = parts.lm_head
         self._runtime = runtime
-        if generation_config is not None:
-            self.generation_config = generation_config
-        self._active: DistributedSession | None = None  # the user's session, if any
-        self._session_exit: ExitStack | None = None
-        self._call: _GenerateCall | None = None  # set while generate() runs
-        self.eval()  # type: ignore[no-untyped-call]
+        #: The servers' LoRA adapter every remote call of this model uses (``None``: none).
+        self.adapter = adapter
+        check_tuning(tuning_mode, pre_seq_len)
+        self.ptune: PromptTuning | None = None
+        if tuning_mode is not None:
+            self.ptune = PromptTuning(
+                hidden_size=remote.hidden_size,
+                num_blocks=remote.num_blocks,
+                pre_seq_len=pre_seq_len,
+                mode=tuning_mode,
+                init_std=float(getattr(config, "initializer_range", DEFAULT_INIT_STD)),
+                dtype=parts.embed_tokens.weight.dtype,
+                device=parts.embed_tokens.weight.device,
+            )
+        config.tuning_mode = tuning_mode
+        config.pre_seq_len = pre_seq_len if tuning_mode is not None else 0
+        # The blocks on the swarm, as a differentiable module (no parameters of its own).
+        self.blocks = remote.blocks(adapter=adapter, call=runtime.call)
+
+    def _freeze_local_parts(self) -> None:
+        """Local pretrained weights start frozen (as in Petals): only what the user adds
+        (prompts, a score head, PEFT adapters) trains. ``requires_grad_(True)`` undoes it."""
+        for module in (self.embed_tokens, self.embed_norm, self.final_norm):
+            if module is not None:
+                module.requires_grad_(False)
 
     # -- construction and lifetime -------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(  # type: ignore[override]
-        cls,
+    def _load(
+        cls: type[M],
         model: str | Path,
+        build: Callable[[PretrainedConfig, RemoteModel, Runtime, GenerationConfig | None], M],
         *,
         initial_peers: Sequence[str | PeerAddress] = (),
         dtype: torch.dtype | str | None = None,
@@ -101,17 +141,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         portal: BlockingPortal | None = None,
         backend: str = "asyncio",
         **client_kwargs: Any,
-    ) -> DistributedModelForCausalLM:
-        """Load the local parts of ``model`` and reach its blocks through the swarm.
-
-        ``model``: a local checkpoint directory, or the embedded default's name
-        (``SmolLM2-135M-Instruct``). ``dtype`` of the local parts (default float32).
-        A new :class:`~distllm.client.Client` joins the swarm through ``initial_peers`` (other
-        keyword arguments go to it: ``identity``, ``host``, ``port``, ``transport_config``;
-        ``client_config`` becomes its ``config``), on an event loop of ``backend`` started in a
-        thread of its own; the model owns and closes both. Or lend an open ``client`` together
-        with the ``portal`` of the loop it runs on (tests, embedders): the model closes neither.
-        """
+    ) -> M:
+        """Resolve ``model``, join the swarm (or borrow ``client`` and ``portal``), reach the
+        model there and ``build`` the face; on failure, close what was opened."""
         from distllm.client.client import Client
         from distllm.model.resolve import resolve_model
 
@@ -133,19 +165,16 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             generation = None
             if (resolved.path / "generation_config.json").is_file():
                 generation = GenerationConfig.from_pretrained(resolved.path)
-            return cls(config, remote, runtime, generation)
+            return build(config, remote, runtime, generation)
         except BaseException:
             runtime.close()
             raise
 
     def close(self) -> None:
-        """End the active session, close the client and stop the loop (if the model owns
-        them). Idempotent."""
-        if self._session_exit is not None:
-            self._session_exit.close()
+        """Close the client and stop the loop (if the model owns them). Idempotent."""
         self._runtime.close()
 
-    def __enter__(self) -> DistributedModelForCausalLM:
+    def __enter__(self: M) -> M:
         return self
 
     def __exit__(
@@ -156,6 +185,207 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
     ) -> None:
         self.close()
 
+    # -- prompts and blocks --------------------------------------------------------------------
+
+    @property
+    def pre_seq_len(self) -> int:
+        """Prefix positions the prompts add in front of every row (0 without prompt tuning)."""
+        return 0 if self.ptune is None else self.ptune.pre_seq_len
+
+    def _embed(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The first block's input ``[b, T, h]`` of token ids or of word embeddings."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        # The registered modules, not `self.parts`: PEFT may have wrapped them.
+        if input_ids is not None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        assert inputs_embeds is not None  # for mypy: one of the two was given
+        # As in transformers: word embeddings, before BLOOM's embedding norm.
+        norm = self.embed_norm
+        hidden: torch.Tensor = inputs_embeds if norm is None else norm(inputs_embeds)
+        return hidden
+
+    def _prompts(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The prefix as the first block sees it ``[b, P, h]`` (the prompt embeddings through
+        BLOOM's embedding norm, like any word embedding) and the deep prompts
+        ``[num_blocks, 1, P, h]``; ``None`` without prompt tuning."""
+        if self.ptune is None:
+            return None
+        prefix, deep = self.ptune(batch_size)
+        norm = self.embed_norm
+        return (prefix if norm is None else norm(prefix)), deep
+
+    def session_prompts(self) -> SessionPrompts | None:
+        """The prompts, detached, for an inference session (``None`` without tuning)."""
+        prompts = self._prompts(1)
+        if prompts is None:
+            return None
+        with torch.no_grad():
+            prefix, deep = prompts
+            return SessionPrompts(prefix.detach(), None if deep is None else deep.detach())
+
+    def _hidden_states(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """All blocks over the inputs: the last block's output ``[b, T, h]`` (the prompts'
+        prefix, if any, run in front of each row's real tokens and are cut off again)."""
+        hidden = self._embed(input_ids, inputs_embeds)
+        batch, length = hidden.shape[:2]
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
+            raise ValueError(
+                f"attention_mask is {tuple(attention_mask.shape)}; the inputs are {(batch, length)}"
+            )
+        prompts = self._prompts(batch)
+        if prompts is None:
+            return self._run_blocks(hidden, attention_mask, None)
+        prefix, deep = prompts
+        lead = leading_pads(attention_mask, batch)  # the prefix goes after each row's pads
+        size = prefix.shape[1]
+        mask = None
+        if attention_mask is not None:
+            ones = attention_mask.new_ones(batch, size)  # the prefix: real tokens
+            mask = insert_prefix(attention_mask, ones, lead)
+        out = self._run_blocks(insert_prefix(hidden, prefix, lead), mask, deep)
+        return drop_prefix(out, lead, size)
+
+    def _run_blocks(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, deep: torch.Tensor | None
+    ) -> torch.Tensor:
+        """All blocks over ``hidden`` ``[b, L, h]``, each row without its leading pads (rows
+        with as many pads go together); ``deep``: ``[num_blocks, 1, P, h]`` prompts."""
+        batch, length = hidden.shape[:2]
+        spans = real_spans(mask, batch, length)
+        firsts = sorted({first for first, _ in spans})
+        if firsts == [0]:
+            return self._blocks(hidden, deep)
+        out = hidden.new_zeros(hidden.shape)
+        for first in firsts:
+            rows = [r for r, (f, _) in enumerate(spans) if f == first]
+            out[rows, first:] = self._blocks(hidden[rows, first:], deep)
+        return out
+
+    def _blocks(self, hidden: torch.Tensor, deep: torch.Tensor | None) -> torch.Tensor:
+        """Every block over ``hidden`` ``[b, T, h]`` from position 0. :class:`RemoteBlocks`
+        asks the servers to keep their graphs only when a gradient will be wanted."""
+        out: torch.Tensor = self.blocks(hidden, deep)
+        return out
+
+    # -- what transformers asks of a model -----------------------------------------------------
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed_tokens
+
+
+class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
+    """A causal LM of any supported family whose blocks are served by a swarm.
+
+    Build it with :meth:`from_pretrained`. Close it with :meth:`close` or ``with model:``.
+    """
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        remote: RemoteModel,
+        runtime: Runtime,
+        generation_config: GenerationConfig | None = None,
+        *,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        adapter: str | None = None,
+    ) -> None:
+        super().__init__(
+            config,
+            remote,
+            runtime,
+            tuning_mode=tuning_mode,
+            pre_seq_len=pre_seq_len,
+            adapter=adapter,
+        )
+        self.lm_head = self.parts.lm_head
+        self._freeze_local_parts()
+        self.lm_head.requires_grad_(False)
+        if generation_config is not None:
+            self.generation_config = generation_config
+        self._active: DistributedSession | None = None  # the user's session, if any
+        self._session_exit: ExitStack | None = None
+        self._call: _GenerateCall | None = None  # set while generate() runs
+        self.eval()  # type: ignore[no-untyped-call]
+
+    # -- construction and lifetime -------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        model: str | Path,
+        *,
+        initial_peers: Sequence[str | PeerAddress] = (),
+        dtype: torch.dtype | str | None = None,
+        client_config: ClientConfig | None = None,
+        client: Client | None = None,
+        portal: BlockingPortal | None = None,
+        backend: str = "asyncio",
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        adapter: str | None = None,
+        **client_kwargs: Any,
+    ) -> DistributedModelForCausalLM:
+        """Load the local parts of ``model`` and reach its blocks through the swarm.
+
+        ``model``: a local checkpoint directory, or the embedded default's name
+        (``SmolLM2-135M-Instruct``). ``dtype`` of the local parts (default float32).
+        A new :class:`~distllm.client.Client` joins the swarm through ``initial_peers`` (other
+        keyword arguments go to it: ``identity``, ``host``, ``port``, ``transport_config``;
+        ``client_config`` becomes its ``config``), on an event loop of ``backend`` started in a
+        thread of its own; the model owns and closes both. Or lend an open ``client`` together
+        with the ``portal`` of the loop it runs on (tests, embedders): the model closes neither.
+
+        ``tuning_mode`` (``"ptune"`` or ``"deep_ptune"``) with ``pre_seq_len`` adds trainable
+        prompts (:class:`~distllm.client.ptune.PromptTuning`, ``model.ptune``); ``adapter``
+        names a LoRA adapter the servers host (``distllm serve --adapter NAME=PATH``): every
+        forward, backward and inference session then runs through it.
+        """
+        check_tuning(tuning_mode, pre_seq_len)  # before joining the swarm
+
+        def build(
+            config: PretrainedConfig,
+            remote: RemoteModel,
+            runtime: Runtime,
+            generation: GenerationConfig | None,
+        ) -> DistributedModelForCausalLM:
+            return cls(
+                config,
+                remote,
+                runtime,
+                generation,
+                tuning_mode=tuning_mode,
+                pre_seq_len=pre_seq_len,
+                adapter=adapter,
+            )
+
+        return cls._load(
+            model,
+            build,
+            initial_peers=initial_peers,
+            dtype=dtype,
+            client_config=client_config,
+            client=client,
+            portal=portal,
+            backend=backend,
+            **client_kwargs,
+        )
+
+    def close(self) -> None:
+        """End the active session, close the client and stop the loop (if the model owns
+        them). Idempotent."""
+        if self._session_exit is not None:
+            self._session_exit.close()
+        super().close()
+
     # -- sessions ------------------------------------------------------------------------------
 
     @contextmanager
@@ -165,21 +395,40 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         """Open one remote session that every ``generate`` inside the block continues.
 
         ``max_length``: positions it may reach (prompts, generated tokens and left padding of
-        every call together); ``batch_size``: rows (prompts x beams).
+        every call together); ``batch_size``: rows (prompts x beams). A prompt-tuned model's
+        session holds its prefix too (``pre_seq_len`` more positions on the servers), computed
+        from the prompts as they are when the session opens.
         """
         if self._active is not None:
             raise RuntimeError("this model already has an active inference session")
-        cm = self.remote.inference_session(max_length=max_length, batch_size=batch_size)
         with ExitStack() as stack:
-            remote_session = self._runtime.enter(stack, cm)
-            session = DistributedSession(
-                self._runtime, remote_session, max_length=max_length, batch_size=batch_size
-            )
+            session = self._open_session(stack, max_length=max_length, batch_size=batch_size)
             self._active, self._session_exit = session, stack
             try:
                 yield session
             finally:
                 self._active = self._session_exit = None
+
+    def _open_session(
+        self, stack: ExitStack, *, max_length: int, batch_size: int
+    ) -> DistributedSession:
+        """A remote session (closed with ``stack``) and its synchronous handle."""
+        prompts = self.session_prompts()
+        extra = 0 if prompts is None else prompts.prefix.shape[1]
+        options: dict[str, Any] = {}
+        if self.adapter is not None:
+            options["adapter"] = self.adapter
+        cm = self.remote.inference_session(
+            max_length=max_length + extra, batch_size=batch_size, **options
+        )
+        remote_session = self._runtime.enter(stack, cm)
+        return DistributedSession(
+            self._runtime,
+            remote_session,
+            max_length=max_length,
+            batch_size=batch_size,
+            prompts=prompts,
+        )
 
     @property
     def active_session(self) -> DistributedSession | None:
@@ -289,25 +538,19 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         With a :class:`RemoteCache` (``generate`` passes one) the tokens are the next step of
         its session; without, a full forward through the swarm (rows may be left- or
         right-padded). Positions follow from the padding: ``position_ids`` is not used.
-        Logits at pad positions are meaningless, as in transformers.
+        Logits at pad positions are meaningless, as in transformers. A prompt-tuned model runs
+        its prefix in front of each row's tokens (after its left padding) and returns logits
+        of the tokens only; ``labels`` ``[b, T]`` (``-100``: ignored) give the usual loss.
         """
         del position_ids, use_cache  # positions: implied by padding; caching: by `cache`
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("give exactly one of input_ids and inputs_embeds")
-        if input_ids is not None:
-            hidden = self.parts.embed(input_ids)
-        else:
-            assert inputs_embeds is not None  # for mypy: one of the two was given
-            # As in transformers: word embeddings, before BLOOM's embedding norm.
-            norm = self.parts.embed_norm
-            hidden = inputs_embeds if norm is None else norm(inputs_embeds)
         if isinstance(cache, RemoteCache):
+            hidden = self._embed(input_ids, inputs_embeds)
             hidden = cache.session(hidden.shape[0]).step(hidden, attention_mask)
         elif cache is not None:
             raise TypeError(f"a distributed model takes a RemoteCache, not {type(cache)}")
         else:
-            hidden = self._full_forward(hidden, attention_mask)
-        logits = self.parts.logits(slice_logits_to_keep(hidden, logits_to_keep))
+            hidden = self._hidden_states(input_ids, inputs_embeds, attention_mask)
+        logits = self.lm_head(self.final_norm(slice_logits_to_keep(hidden, logits_to_keep)))
         loss = None
         if labels is not None:
             loss = self.loss_function(
@@ -315,24 +558,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
-    def _full_forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """All blocks over ``hidden`` ``[b, T, h]``, each row without its leading pads."""
-        batch, length = hidden.shape[:2]
-        spans = real_spans(mask, batch, length)
-        out = torch.zeros_like(hidden)
-        for first in sorted({first for first, _ in spans}):
-            rows = [r for r, (f, _) in enumerate(spans) if f == first]
-            part = hidden[rows, first:]
-            out[rows, first:] = self._runtime.call(partial(self.remote.forward, part))
-        return out
-
     # -- what transformers asks of a model -----------------------------------------------------
 
-    def get_input_embeddings(self) -> torch.nn.Module:
-        return self.parts.embed_tokens
-
     def get_output_embeddings(self) -> torch.nn.Module:
-        return self.parts.lm_head
+        head: torch.nn.Module = self.lm_head
+        return head
 
 
 class AutoDistributedModelForCausalLM:
@@ -364,12 +594,19 @@ class _GenerateCall:
         return RemoteCache(session=user)
 
     def _open(self, max_length: int, rows: int) -> DistributedSession:
-        model = self.model
-        cm = model.remote.inference_session(max_length=max_length, batch_size=rows)
-        remote_session = model._runtime.enter(self.stack, cm)
-        return DistributedSession(
-            model._runtime, remote_session, max_length=max_length, batch_size=rows
-        )
+        return self.model._open_session(self.stack, max_length=max_length, batch_size=rows)
+
+
+def check_tuning(tuning_mode: str | None, pre_seq_len: int) -> None:
+    """``ValueError`` unless ``tuning_mode`` and ``pre_seq_len`` go together."""
+    if tuning_mode is None:
+        if pre_seq_len:
+            raise ValueError("pre_seq_len needs a tuning_mode ('ptune' or 'deep_ptune')")
+        return
+    if tuning_mode not in TUNING_MODES:
+        raise ValueError(f"tuning_mode must be None or one of {TUNING_MODES}, got {tuning_mode!r}")
+    if not (isinstance(pre_seq_len, int) and pre_seq_len >= 1):
+        raise ValueError(f"tuning_mode {tuning_mode!r} needs pre_seq_len >= 1, got {pre_seq_len!r}")
 
 
 def _dtype(value: torch.dtype | str | None) -> torch.dtype:

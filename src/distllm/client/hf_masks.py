@@ -4,13 +4,17 @@ Batches of prompts reach ``generate`` left-padded (``tokenizer.padding_side = "l
 servers skip each row's leading pad tokens (``InferenceStep.padding``), so the mask itself never
 travels. A mask of any other shape (holes, right padding in a session) cannot be expressed that
 way and is refused with ``ValueError``.
+
+A prompt-tuned model puts its prefix right after each row's leading pads (:func:`insert_prefix`):
+the prefix is made of real tokens, so a left-padded row stays "zeros, then ones" and the prefix
+takes the row's own positions ``0 .. pre_seq_len-1``, where the deep prompts are added.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["left_padding", "real_spans"]
+__all__ = ["drop_prefix", "insert_prefix", "leading_pads", "left_padding", "real_spans"]
 
 
 def _ones_after_lead(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,3 +60,47 @@ def real_spans(mask: torch.Tensor | None, batch: int, length: int) -> list[tuple
     if not bool(trailing_ok.all()) or bool((run == 0).any()):
         raise ValueError("attention_mask must be ones with padding only at the start or end")
     return [(int(first), length) for first in lead]
+
+
+def leading_pads(mask: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """Leading zeros of each row of ``mask`` ``[batch, L]`` (int64 ``[batch]``; zeros when
+    ``mask`` is ``None``)."""
+    if mask is None:
+        return torch.zeros(batch, dtype=torch.long)
+    lead, _ = _ones_after_lead(mask)
+    return lead.to("cpu", torch.long)
+
+
+def _prefix_index(lead: torch.Tensor, length: int, prefix_len: int) -> torch.Tensor:
+    """``[b, length + prefix_len]`` indices into ``cat([x, prefix], 1)`` (``x`` ``[b, length]``)
+    that put the prefix after each row's ``lead`` pads."""
+    j = torch.arange(length + prefix_len)[None, :]  # [1, L+P]
+    start = lead[:, None]  # [b, 1]
+    in_prefix = (j >= start) & (j < start + prefix_len)
+    after = j >= start + prefix_len
+    return torch.where(in_prefix, length + (j - start), torch.where(after, j - prefix_len, j))
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[r, index[r, j], ...]`` for ``x`` ``[b, L, ...]`` (differentiable)."""
+    index = index.to(x.device)
+    shape = (*index.shape, *x.shape[2:])
+    index = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(shape)
+    return torch.gather(x, 1, index)
+
+
+def insert_prefix(x: torch.Tensor, prefix: torch.Tensor, lead: torch.Tensor) -> torch.Tensor:
+    """Row ``r`` of ``x`` ``[b, L, ...]`` with ``prefix[r]`` (``prefix``: ``[b, P, ...]``)
+    inserted after its first ``lead[r]`` positions: ``[b, P + L, ...]``."""
+    if prefix.shape[0] != x.shape[0] or prefix.shape[2:] != x.shape[2:]:
+        raise ValueError(f"a prefix {tuple(prefix.shape)} does not fit {tuple(x.shape)}")
+    index = _prefix_index(lead, x.shape[1], prefix.shape[1])
+    return _gather_rows(torch.cat([x, prefix.to(x.dtype)], dim=1), index)
+
+
+def drop_prefix(x: torch.Tensor, lead: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    """The inverse of :func:`insert_prefix`: ``[b, P + L, ...]`` -> ``[b, L, ...]``."""
+    length = x.shape[1] - prefix_len
+    j = torch.arange(length)[None, :]  # [1, L]
+    index = torch.where(j >= lead[:, None], j + prefix_len, j)  # [b, L]
+    return _gather_rows(x, index)

@@ -8,7 +8,11 @@ the swarm speaks:
 * the 2D ``attention_mask`` of a left-padded batch -> ``padding`` on the session's first step
   (the servers skip pad tokens; the mask must stay consistent afterwards);
 * ``Cache.reorder_cache(beam_idx)`` (beam search, after every step) -> ``hypo_ids`` on the next
-  step; reorders compose until a step sends them.
+  step; reorders compose until a step sends them;
+* a prompt-tuned model's prompts (:class:`SessionPrompts`) -> its prefix inserted after each
+  row's left padding in the first step, and the deep prompts sent with that step (they cover
+  the prefix positions only, which no later step touches). ``generate`` never sees the prefix:
+  :attr:`DistributedSession.position` and ``max_length`` count the tokens after it.
 
 :class:`RemoteCache` is what ``generate`` holds as its cache: the KV caches themselves live on
 the servers, so it only knows the session (opened on the first forward when ``generate`` opened
@@ -18,20 +22,31 @@ it) and how far it went.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import Cache
 
-from distllm.client.hf_masks import left_padding
+from distllm.client.hf_masks import drop_prefix, insert_prefix, left_padding
 from distllm.client.hf_runtime import Runtime
 
 if TYPE_CHECKING:
     from distllm.client.planner import RouteHop
     from distllm.client.session import InferenceSession
 
-__all__ = ["DistributedSession", "RemoteCache"]
+__all__ = ["DistributedSession", "RemoteCache", "SessionPrompts"]
+
+
+@dataclass(frozen=True)
+class SessionPrompts:
+    """What a prompt-tuned model's session starts with: ``prefix`` ``[1, P, h]`` (the first
+    block's input at the prefix positions) and ``deep`` prompts ``[num_blocks, 1, P, h]`` or
+    ``None``."""
+
+    prefix: torch.Tensor
+    deep: torch.Tensor | None
 
 
 class DistributedSession:
@@ -43,10 +58,20 @@ class DistributedSession:
     """
 
     def __init__(
-        self, runtime: Runtime, session: InferenceSession, *, max_length: int, batch_size: int
+        self,
+        runtime: Runtime,
+        session: InferenceSession,
+        *,
+        max_length: int,
+        batch_size: int,
+        prompts: SessionPrompts | None = None,
     ) -> None:
+        """``session`` has room for ``max_length`` positions after the ``prompts``' prefix."""
         self._runtime = runtime
         self._session = session
+        self._prompts = prompts
+        #: Positions the prefix takes on the servers in front of every row's tokens.
+        self.prefix_length = 0 if prompts is None else int(prompts.prefix.shape[1])
         self.max_length = max_length
         self.batch_size = batch_size
         #: Every token of the session so far ``[batch_size, L]`` (the last generated one is not
@@ -61,8 +86,10 @@ class DistributedSession:
 
     @property
     def position(self) -> int:
-        """Tokens (pad tokens included) every row has sent through the swarm."""
-        return int(self._session.position)
+        """Tokens (pad tokens included) every row has sent through the swarm, not counting a
+        prompt-tuned model's prefix."""
+        sent = int(self._session.position)
+        return sent - self.prefix_length if sent else 0
 
     @property
     def route(self) -> list[RouteHop]:
@@ -111,16 +138,22 @@ class DistributedSession:
         hypo_ids = self._hypo_ids
         if hypo_ids is not None and torch.equal(hypo_ids, torch.arange(rows)):
             hypo_ids = None
-        out: torch.Tensor = self._runtime.call(
-            partial(
-                self._session.step,
-                hidden,
-                hypo_ids=hypo_ids,
-                padding=padding if position == 0 else None,
-            )
+        step = partial(
+            self._session.step, hypo_ids=hypo_ids, padding=padding if position == 0 else None
         )
+        prompts = self._prompts
+        if position == 0 and prompts is not None:
+            lead = torch.tensor(padding or (0,) * rows, dtype=torch.long)
+            prefix = prompts.prefix.expand(rows, -1, -1)  # [rows, P, h]
+            if prompts.deep is not None:
+                step = partial(step, prompts=prompts.deep)
+            out = self._runtime.call(partial(step, insert_prefix(hidden, prefix, lead)))
+            out = drop_prefix(out, lead, self.prefix_length)
+        else:
+            out = self._runtime.call(partial(step, hidden))
         self._hypo_ids = None  # applied: the servers reordered before this step
-        return out
+        result: torch.Tensor = out
+        return result
 
     def remember(self, sequences: torch.Tensor) -> None:
         """What ``generate`` returned: the next one continues from it (unless beam search
