@@ -70,8 +70,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--dead-peer-timeout",
         type=float,
-        default=0.5,
-        help="client's QUIC dead-peer timeout: how soon a killed server is noticed (0.5 s)",
+        default=TransportConfig().dead_peer_timeout,
+        help="client's QUIC dead-peer timeout (default: the transport's)",
+    )
+    parser.add_argument(
+        "--suspect-after",
+        type=float,
+        default=ClientConfig().suspect_after,
+        help="probe a step's server after this many seconds without an answer (client default)",
     )
     parser.add_argument(
         "--default-omp-spin",
@@ -133,7 +139,7 @@ async def distributed_decode_rate(remote: Any, context: int, tokens: int) -> flo
         return tokens / (time.perf_counter() - started)
 
 
-async def failover(remote: Any, swarm: LoopbackSwarm, context: int, dead: float) -> Failover:
+async def failover(remote: Any, swarm: LoopbackSwarm, context: int, detection: str) -> Failover:
     """Kill the server of the middle hop after a few tokens; time the next token."""
     ids = torch.randint(10, remote.config.vocab_size, (1, context))
     before, after = 4, 8
@@ -157,7 +163,7 @@ async def failover(remote: Any, swarm: LoopbackSwarm, context: int, dead: float)
             repairs[-1] if repairs else float("nan"),
             session.stats.replayed_tokens,
             got == expected,
-            f"QUIC dead-peer timeout {dead:g} s",
+            detection,
         )
 
 
@@ -186,7 +192,7 @@ async def run_client(
         keepalive_interval=min(0.5, args.dead_peer_timeout / 4),
         dead_peer_timeout=args.dead_peer_timeout,
     )
-    config = ClientConfig(step_timeout=30.0)
+    config = ClientConfig(step_timeout=30.0, suspect_after=args.suspect_after)
     async with Client(swarm.initial_peers, transport_config=transport, config=config) as client:
         remote = await client.model(path)
         for context in args.contexts:  # warm up: connections, allocators, kernels
@@ -198,7 +204,11 @@ async def run_client(
                 for _ in range(args.repeats)
             ]
             rates[context] = max(runs)
-        result = await failover(remote, swarm, max(args.contexts), args.dead_peer_timeout)
+        detection = (
+            f"liveness probes after {config.suspect_after:g} s (timeout {config.probe_timeout:g}"
+            f" s), QUIC dead-peer timeout {args.dead_peer_timeout:g} s"
+        )
+        result = await failover(remote, swarm, max(args.contexts), detection)
         return rates, result
 
 

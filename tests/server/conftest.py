@@ -108,6 +108,7 @@ class Session:
         start: int | None = None,
         hypo_ids: torch.Tensor | None = None,
         prompts: torch.Tensor | None = None,
+        output_tail: int | None = None,
     ) -> InferenceStep:
         return InferenceStep(
             wire(hidden, self.dtype),
@@ -115,6 +116,7 @@ class Session:
             wire(hypo_ids),
             wire(prompts, self.dtype),
             next(self._step_ids),
+            output_tail=output_tail,
         )
 
     async def step(
@@ -123,8 +125,9 @@ class Session:
         start: int | None = None,
         hypo_ids: torch.Tensor | None = None,
         prompts: torch.Tensor | None = None,
+        output_tail: int | None = None,
     ) -> torch.Tensor:
-        message = self.make_step(hidden, start, hypo_ids, prompts)
+        message = self.make_step(hidden, start, hypo_ids, prompts, output_tail)
         self.machine.send_step(message)
         await self.stream.send(message)
         with anyio.fail_after(30):

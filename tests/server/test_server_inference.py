@@ -111,3 +111,22 @@ async def test_bfloat16_activations_and_compressed_outputs(
             assert session.opened.compression == "int8_blockwise"
             out = await session.step(x)
             torch.testing.assert_close(out, expected, atol=0.05, rtol=0.02)
+
+
+async def test_output_tail_returns_only_the_last_outputs(
+    serve: Serve, local_span: Callable[[str], SpanModel]
+) -> None:
+    x = torch.randn(2, 9, HIDDEN)
+    with torch.no_grad():
+        expected = local_span("llama")(x)
+    async with serve("llama") as harness:
+        async with harness.client.session(max_length=16, batch_size=2) as session:
+            # a replay that only rebuilds the cache: nothing comes back
+            out = await session.step(x[:, :6], output_tail=0)
+            assert out.shape == (2, 0, HIDDEN)
+            assert session.machine.position == 6
+            out = await session.step(x[:, 6:9], output_tail=2)
+            torch.testing.assert_close(out, expected[:, 7:9], **TOL)
+            out = await session.step(x[:, :9], start=0, output_tail=50)  # more than there are
+            torch.testing.assert_close(out, expected, **TOL)
+        await eventually(harness.all_free)

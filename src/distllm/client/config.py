@@ -79,6 +79,13 @@ class ClientConfig:
     #: larger batch is split into row sub-batches that run concurrently, each on a route of
     #: its own (load spreads over the servers). A single longer row is sent whole.
     max_forward_tokens: int = 8192
+    #: An inference step unanswered after this many seconds gets its server probed
+    #: (``span.info``); a server that does not answer the probe within ``probe_timeout`` (or
+    #: 4 round trips, if longer) is treated as failed at once, without waiting for the
+    #: transport's dead-peer timeout. A busy server answers and is waited for. ``None``: no
+    #: probes (only ``step_timeout`` and the transport detect failures).
+    suspect_after: float | None = 0.1
+    probe_timeout: float = 0.2
     #: Cost model of the route planner (hop overhead, penalty for servers short of cache).
     costs: RouteCosts = DEFAULT_COSTS
     #: Settings of the client's RPC endpoint and DHT node (by default its lookups ask every
@@ -92,6 +99,7 @@ class ClientConfig:
             "connect_timeout",
             "close_timeout",
             "refresh_timeout",
+            "probe_timeout",
             "ban_base",
             "ban_cap",
         ):
@@ -126,6 +134,12 @@ class ClientConfig:
             self.ban_factor,
         )
         _require(self.ban_cap >= self.ban_base, "ban_cap", ">= ban_base", self.ban_cap)
+        _require(
+            self.suspect_after is None or _positive(self.suspect_after),
+            "suspect_after",
+            "None or a finite number > 0",
+            self.suspect_after,
+        )
         _require(
             self.refresh_period is None or _positive(self.refresh_period),
             "refresh_period",

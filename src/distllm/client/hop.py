@@ -45,9 +45,16 @@ def make_step(
     padding: Sequence[int] | None,
     step_id: int,
     prompts: WireTensor | None = None,
+    output_tail: int | None = None,
 ) -> InferenceStep:
     return InferenceStep(
-        hidden, start, hypo_ids, prompts, step_id, None if padding is None else tuple(padding)
+        hidden,
+        start,
+        hypo_ids,
+        prompts,
+        step_id,
+        None if padding is None else tuple(padding),
+        output_tail,
     )
 
 
@@ -140,14 +147,18 @@ class Hop:
         hypo_ids: WireTensor | None = None,
         padding: Sequence[int] | None = None,
         prompts: WireTensor | None = None,
+        output_tail: int | None = None,
     ) -> WireTensor:
         """Send one step, return the span's outputs. The caller bounds it with a deadline; if
         it fails or is interrupted, the hop is unusable (abort it). ``prompts``: this span's
-        deep prompts ``[span_blocks, b or 1, P, h]``."""
+        deep prompts ``[span_blocks, b or 1, P, h]``; ``output_tail``: only
+        each row's last outputs (see :class:`InferenceStep`)."""
         stream, machine = self._stream, self._machine
         if self.state is not HopState.OPEN or stream is None or machine is None:
             raise RemoteProtocolError(f"the session at {self.route.peer!r} is not open")
-        step = make_step(hidden, start, hypo_ids, padding, next(self._step_ids), prompts)
+        step = make_step(
+            hidden, start, hypo_ids, padding, next(self._step_ids), prompts, output_tail
+        )
         machine.send_step(step)  # our own rule check: LocalProtocolError is a bug
         await stream.send(step)
         try:

@@ -26,6 +26,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
@@ -41,7 +42,8 @@ from distllm.client.history import History
 from distllm.client.hop import Hop, HopState
 from distllm.client.planner import RouteHop
 from distllm.client.tensors import TORCH_DTYPES, from_wire, ids_to_wire, to_wire
-from distllm.protocol.span_messages import InferenceOpen
+from distllm.client.watchdog import watched
+from distllm.protocol.span_messages import METHOD_INFO, InferenceOpen, SpanInfo, SpanInfoRequest
 
 if TYPE_CHECKING:
     from distllm.client.model import RemoteModel
@@ -302,8 +304,19 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
                 try:
                     hop = await self._ready(i)
                     with anyio.fail_after(config.step_timeout):
-                        out = await hop.step(
-                            wire, start, hypo_wire, padding, self._hop_prompts(hop, start)
+                        out = await watched(
+                            partial(
+                                hop.step,
+                                wire,
+                                start,
+                                hypo_wire,
+                                padding,
+                                self._hop_prompts(hop, start),
+                            ),
+                            partial(self._probe, hop),
+                            suspect_after=config.suspect_after,
+                            probe_timeout=self._probe_timeout(hop),
+                            who=repr(hop.route.peer),
                         )
                 except Exception as exc:
                     if not is_hop_failure(exc):
@@ -326,6 +339,19 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
         if recovery.began is not None:
             self.stats.recovery_seconds.append(anyio.current_time() - recovery.began)
         return x
+
+    def _probe_timeout(self, hop: Hop) -> float:
+        return max(self._config.probe_timeout, 4 * self._router.view.rtt(hop.route.peer))
+
+    async def _probe(self, hop: Hop) -> None:
+        """One liveness probe of ``hop``'s server (see :mod:`distllm.client.watchdog`)."""
+        await self.model.rpc.call(
+            hop.route.address,
+            METHOD_INFO,
+            SpanInfoRequest(),
+            timeout=self._probe_timeout(hop),
+            response_type=SpanInfo,
+        )
 
     async def _ready(self, i: int) -> Hop:
         """Hop ``i``, opened and replayed (a replacement) -- or the failure that prevents it."""
@@ -394,16 +420,27 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
         assert history is not None  # the previous hop's replay produced it
         following = self._hops[i + 1] if i + 1 < len(self._hops) else None
         if history.length:
-            with anyio.fail_after(self._config.step_timeout):
-                out = await hop.step(
-                    to_wire(history.tensor(), self._config.activation_dtype),  # raw: exact
-                    0,
-                    None,
-                    self._padding,
-                    self._hop_prompts(hop, 0),
+            # Its outputs matter only to a next hop that must replay them too.
+            wanted = following is not None and following.history is None
+            config = self._config
+            with anyio.fail_after(config.step_timeout):
+                out = await watched(
+                    partial(
+                        hop.step,
+                        to_wire(history.tensor(), config.activation_dtype),  # raw: exact
+                        0,
+                        None,
+                        self._padding,
+                        self._hop_prompts(hop, 0),
+                        None if wanted else 0,
+                    ),
+                    partial(self._probe, hop),
+                    suspect_after=config.suspect_after,
+                    probe_timeout=self._probe_timeout(hop),
+                    who=repr(hop.route.peer),
                 )
             self.stats.replayed_tokens += history.length
-            if following is not None and following.history is None:
+            if following is not None and wanted:
                 following.history = History([from_wire(out)])
         elif following is not None and following.history is None:
             following.history = History()

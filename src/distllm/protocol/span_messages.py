@@ -202,6 +202,9 @@ class InferenceStep:
     prompts: WireTensor | None
     step_id: int  # chosen by the caller, echoed in the output
     padding: tuple[int, ...] | None = None  # leading pad tokens per row; None: unchanged
+    #: Outputs of only each row's last ``output_tail`` new tokens come back (0: none, e.g. a
+    #: replay that only rebuilds the cache); ``None``: all of them.
+    output_tail: int | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -211,6 +214,12 @@ class InferenceStep:
             self.start_from_position,
         )
         _check(self.step_id >= 0, "step_id", ">= 0", self.step_id)
+        _check(
+            self.output_tail is None or self.output_tail >= 0,
+            "output_tail",
+            "None or >= 0",
+            self.output_tail,
+        )
         _check(
             self.padding is None or (len(self.padding) > 0 and min(self.padding) >= 0),
             "padding",

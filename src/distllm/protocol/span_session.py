@@ -78,6 +78,7 @@ class StepPlan:
     hypo_ids: tuple[int, ...] | None  # row i continues row hypo_ids[i]; None: no reordering
     prompt_length: int  # deep prompts cover positions 0..prompt_length-1; 0: no prompts
     padding: tuple[int, ...] | None = None  # the session's padding once the step runs
+    output_tail: int | None = None  # outputs of the last this many tokens per row; None: all
 
     def row_padding(self, row: int) -> int:
         """Leading pad positions of ``row``."""
@@ -87,6 +88,12 @@ class StepPlan:
     def end(self) -> int:
         """The session's position once the step is done."""
         return self.start + self.num_tokens
+
+    @property
+    def output_tokens(self) -> int:
+        """Tokens per row whose outputs come back."""
+        tail = self.output_tail
+        return self.num_tokens if tail is None else min(tail, self.num_tokens)
 
     @property
     def total_tokens(self) -> int:
@@ -226,7 +233,16 @@ class SpanSession:
             and any(padding[source] != padding[row] for row, source in enumerate(hypo_ids))
         ):
             raise InvalidTensor("hypo_ids makes a row continue a row of different padding")
-        return StepPlan(step.step_id, start, n, params.batch_size, hypo_ids, prompt_length, padding)
+        return StepPlan(
+            step.step_id,
+            start,
+            n,
+            params.batch_size,
+            hypo_ids,
+            prompt_length,
+            padding,
+            step.output_tail,
+        )
 
     def _padding(self, step: InferenceStep, start: int) -> tuple[int, ...] | None:
         """The session's padding once ``step`` (starting at ``start``) runs."""
@@ -244,7 +260,7 @@ class SpanSession:
             return f"output of step {output.step_id} arrived; step {plan.step_id} is in flight"
         if output.position != plan.end:
             return f"output says position {output.position}; step ends at {plan.end}"
-        expected = (plan.batch_size, plan.num_tokens, self.params.span.hidden_size)
+        expected = (plan.batch_size, plan.output_tokens, self.params.span.hidden_size)
         hidden = output.hidden
         if hidden.dtype != self.params.dtype or hidden.shape != expected:
             return (

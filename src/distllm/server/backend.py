@@ -198,7 +198,11 @@ class SpanBackend:
             elif chunk.completes_item:
                 try:
                     assert job.output is not None  # set by _begin
-                    outcome.results[job.key] = to_wire(job.output, job.dtype, job.compression)
+                    # [B, n, h] -> [B, k, h]: the rows' last k outputs, all that was asked for
+                    output = job.output[:, job.output.shape[1] - job.plan.output_tokens :]
+                    outcome.results[job.key] = to_wire(
+                        output.contiguous(), job.dtype, job.compression
+                    )
                 except Exception as exc:
                     outcome.failures[job.key] = exc
                 job.drop_tensors()

@@ -1,0 +1,139 @@
+"""Liveness probes of a step's server: a dead one is left at once, a busy one is waited for."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import anyio
+import pytest
+import torch
+from client_harness import FAST, hf_greedy, swarm_client, tiny_model
+from test_client_failover import stall_next_step
+
+from distllm.client.events import HopFailed
+from distllm.client.generation import SamplingParams, generate_ids
+from distllm.client.watchdog import Unresponsive, watched
+from distllm.config import TransportConfig
+from distllm.errors import PeerGone
+
+pytestmark = pytest.mark.anyio
+
+PROMPT = torch.tensor([[5, 17, 33, 40, 9, 61]])
+#: The transport notices a dead peer only after 5 s: faster detection is the probes' doing.
+SLOW_TRANSPORT = TransportConfig(keepalive_interval=1.0, dead_peer_timeout=5.0)
+PROBED = dataclasses.replace(FAST, step_timeout=10.0, suspect_after=0.1, probe_timeout=0.2)
+
+
+@pytest.fixture(scope="session")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.getbasetemp() / "client-models"
+
+
+class Probes:
+    def __init__(self, *, fail_at: int | None = None, hang: bool = False) -> None:
+        self.calls = 0
+        self.fail_at = fail_at
+        self.hang = hang
+
+    async def __call__(self) -> None:
+        self.calls += 1
+        if self.hang:
+            await anyio.sleep_forever()
+        if self.calls == self.fail_at:
+            raise PeerGone("probe lost")
+
+
+async def test_a_slow_call_with_a_live_server_completes():
+    probes = Probes()
+
+    async def call() -> str:
+        await anyio.sleep(0.35)
+        return "done"
+
+    result = await watched(call, probes, suspect_after=0.05, probe_timeout=0.1, who="s")
+    assert result == "done"
+    assert 2 <= probes.calls <= 3  # at 0.05, 0.15, 0.35 s: the interval doubles
+
+
+async def test_a_failed_probe_abandons_the_call():
+    probes = Probes(fail_at=2)
+    cancelled = anyio.Event()
+
+    async def call() -> str:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+        return "never"
+
+    began = anyio.current_time()
+    with pytest.raises(Unresponsive) as caught:
+        await watched(call, probes, suspect_after=0.05, probe_timeout=0.1, who="server s")
+    assert anyio.current_time() - began < 0.5
+    assert cancelled.is_set()
+    assert isinstance(caught.value.__cause__, PeerGone)
+    assert "server s" in str(caught.value)
+
+
+async def test_a_probe_that_hangs_counts_as_failed():
+    async def call() -> None:
+        await anyio.sleep_forever()
+
+    began = anyio.current_time()
+    with pytest.raises(Unresponsive) as caught:
+        await watched(call, Probes(hang=True), suspect_after=0.05, probe_timeout=0.1, who="s")
+    assert 0.14 <= anyio.current_time() - began < 0.5
+    assert isinstance(caught.value.__cause__, TimeoutError)
+
+
+async def test_errors_of_the_call_are_not_wrapped():
+    async def call() -> None:
+        raise PeerGone("gone")
+
+    with pytest.raises(PeerGone):
+        await watched(call, Probes(), suspect_after=0.05, probe_timeout=0.1, who="s")
+    with pytest.raises(PeerGone):  # and without a watch
+        await watched(call, Probes(), suspect_after=None, probe_timeout=0.1, who="s")
+
+
+async def test_a_vanished_server_is_replaced_long_before_the_transport_notices(root: Path):
+    path = tiny_model("llama", root)
+    expected = hf_greedy(path, PROMPT, 8)
+    async with swarm_client(
+        path, [(0, 2), (2, 4), (2, 4)], config=PROBED, transport_config=SLOW_TRANSPORT
+    ) as h:
+        async with h.model.inference_session(max_length=32) as session:
+            victim = session.route[1].peer
+            tokens: list[int] = []
+            lost_at = 0.0
+            async for token in generate_ids(session, PROMPT, 8, SamplingParams()):
+                tokens.append(int(token))
+                if len(tokens) == 3:
+                    h.black_hole(victim)
+                    lost_at = anyio.current_time()
+                if len(tokens) == 4:
+                    recovered = anyio.current_time() - lost_at
+        assert tokens == expected
+        (failure,) = [e for e in session.events if isinstance(e, HopFailed)]
+        assert failure.hop.peer == victim and isinstance(failure.error, Unresponsive)
+        assert recovered < 1.5  # suspicion 0.1 s + probe 0.2 s + failover; transport: 5 s
+        await h.assert_clean()
+
+
+async def test_a_busy_server_is_waited_for(root: Path):
+    path = tiny_model("llama", root)
+    expected = hf_greedy(path, PROMPT, 8)
+    async with swarm_client(path, [(0, 2), (2, 4), (2, 4)], config=PROBED) as h:
+        async with h.model.inference_session(max_length=32) as session:
+            busy = session.route[1].peer
+            tokens: list[int] = []
+            async for token in generate_ids(session, PROMPT, 8, SamplingParams()):
+                tokens.append(int(token))
+                if len(tokens) == 3:
+                    stall_next_step(h, busy, 0.8)  # alive, answering probes, but slow
+            route = session.route
+        assert tokens == expected
+        assert not [e for e in session.events if isinstance(e, HopFailed)]
+        assert busy in {hop.peer for hop in route}
+        await h.assert_clean()
