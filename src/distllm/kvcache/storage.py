@@ -82,7 +82,19 @@ class PagedKVStorage:
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V at rows ``slots`` (any shape ``S``), shaped ``[*S, kv_heads, head_dim]``."""
         flat_key, flat_value = self._flat(layer)
-        return flat_key[slots], flat_value[slots]
+        # index_select on the flattened slots: a few times faster than advanced indexing on CPU
+        flat_slots = slots.reshape(-1)
+        shape = (*slots.shape, self.num_kv_heads, self.head_dim)
+        return (
+            flat_key.index_select(0, flat_slots).view(shape),
+            flat_value.index_select(0, flat_slots).view(shape),
+        )
+
+    def rows(self, layer: int, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of the consecutive rows ``first .. end-1`` as views ``[1, end-first, kv_heads,
+        head_dim]`` (no copy)."""
+        flat_key, flat_value = self._flat(layer)
+        return flat_key[first:end][None], flat_value[first:end][None]
 
     def copy_pages(self, copies: Sequence[tuple[int, int]]) -> None:
         """For each ``(src, dst)`` copy page ``src`` into page ``dst`` in every block (COW)."""

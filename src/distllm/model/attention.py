@@ -81,9 +81,12 @@ def _paged(
     flat_query = query[0]  # [heads, T, head_dim]
     out = query.new_empty((total, heads, head_dim))
     for group in step.groups:
-        key, value = step.storage.gather(layer, group.key_slots)  # [B, L, kv_heads, head_dim]
+        key, value = group.read(step.storage, layer)  # [B, L, kv_heads, head_dim]
         key, value = key.transpose(1, 2), value.transpose(1, 2)  # [B, kv_heads, L, head_dim]
-        group_query = flat_query[:, group.query_index].transpose(0, 1)  # [B, heads, t, head_dim]
+        if group.covers_step:  # one session: its queries are the step's, in order
+            group_query = query  # [1, heads, T, head_dim]
+        else:
+            group_query = flat_query[:, group.query_index].transpose(0, 1)  # [B, heads, t, d]
         attended = F.scaled_dot_product_attention(
             group_query,
             key,
@@ -93,5 +96,8 @@ def _paged(
             enable_gqa=heads != key.shape[1],
         )
         # [B, heads, t, head_dim] -> [B * t, heads, head_dim], scattered back to the step's rows
-        out[group.query_index.reshape(-1)] = attended.transpose(1, 2).reshape(-1, heads, head_dim)
+        rows = attended.transpose(1, 2).reshape(-1, heads, head_dim)
+        if group.covers_step:
+            return rows[None]  # [T, heads, head_dim] -> [1, T, heads, head_dim]
+        out[group.query_index.reshape(-1)] = rows
     return out[None]  # [T, heads, head_dim] -> [1, T, heads, head_dim]

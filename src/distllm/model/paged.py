@@ -25,6 +25,7 @@ K/V into the pages and returning what attention should read.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,18 +58,32 @@ class AttentionGroup:
     query_positions: torch.Tensor  # [B, t] absolute positions of those tokens
     key_slots: torch.Tensor  # [B, L_max] storage rows of each prefix, padded with row 0
     key_lengths: torch.Tensor  # [B] valid keys per session (its length after the step)
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: ``(first, end)`` when the group is one session whose keys fill consecutive storage rows
+    #: (its pages are consecutive): they are then read as a slice, not gathered row by row.
+    key_rows: tuple[int, int] | None = None
+    #: Whether the group's queries are the step's rows ``0 .. B*t-1`` in order (one session
+    #: alone in the step): its output then needs no scatter.
+    covers_step: bool = False
+    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, repr=False)
 
-    def mask(self, sliding_window: int | None) -> torch.Tensor:
-        """Boolean ``[B, 1, t, L_max]``: True where a query may attend a key (cached per window)."""
+    def mask(self, sliding_window: int | None) -> torch.Tensor | None:
+        """Boolean ``[B, 1, t, L_max]``: True where a query may attend a key (cached per window);
+        ``None`` when every query may attend every key (a decode step within the window)."""
         if sliding_window not in self._masks:
             key_pos = torch.arange(self.key_slots.shape[1], device=self.key_slots.device)
             query_pos = self.query_positions[:, :, None]  # [B, t, 1]
             allowed = (key_pos <= query_pos) & (key_pos < self.key_lengths[:, None, None])
             if sliding_window is not None:
                 allowed &= key_pos > query_pos - sliding_window
-            self._masks[sliding_window] = allowed[:, None]  # [B, t, L] -> [B, 1, t, L]
+            full = bool(allowed.all())
+            self._masks[sliding_window] = None if full else allowed[:, None]  # -> [B, 1, t, L]
         return self._masks[sliding_window]
+
+    def read(self, storage: PagedKVStorage, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group's keys and values ``[B, L_max, kv_heads, head_dim]`` in ``layer``."""
+        if self.key_rows is not None:
+            return storage.rows(layer, *self.key_rows)
+        return storage.gather(layer, self.key_slots)
 
 
 @dataclass
@@ -158,15 +173,27 @@ def _groups(
         steps = torch.arange(t, dtype=torch.long, device=device)
         starts = torch.tensor([sessions[i].start for i in members], device=device)
         rows = torch.tensor([offsets[i] for i in members], device=device)
+        alone = len(members) == 1
         groups.append(
             AttentionGroup(
                 query_index=rows[:, None] + steps[None, :],
                 query_positions=starts[:, None] + steps[None, :],
                 key_slots=key_slots,
                 key_lengths=starts + t,
+                key_rows=_consecutive_rows(sessions[members[0]], page_size) if alone else None,
+                covers_step=alone and len(sessions) == 1,
             )
         )
     return groups
+
+
+def _consecutive_rows(session: SessionSlice, page_size: int) -> tuple[int, int] | None:
+    """Storage rows ``(first, end)`` of the session's keys ``0 .. end-1``, if consecutive."""
+    used = session.pages[: -(-session.end // page_size)]
+    if any(b != a + 1 for a, b in itertools.pairwise(used)):
+        return None
+    first = used[0] * page_size
+    return first, first + session.end
 
 
 class PagedLayerCache:
