@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -13,7 +14,7 @@ from test_client_failover import stall_next_step
 
 from distllm.client.events import HopFailed
 from distllm.client.generation import SamplingParams, generate_ids
-from distllm.client.watchdog import Unresponsive, watched
+from distllm.client.watchdog import StepWatch, Unresponsive
 from distllm.config import TransportConfig
 from distllm.errors import PeerGone
 
@@ -44,6 +45,27 @@ class Probes:
             raise PeerGone("probe lost")
 
 
+async def watched(
+    call: Any, probes: Probes, *, suspect_after: float | None, probe_timeout: float, who: str
+) -> Any:
+    """``await call()`` as the step a :class:`StepWatch` watches."""
+    watch: StepWatch[str] = StepWatch(
+        suspect_after, lambda _: probes(), lambda _: probe_timeout, lambda target: target
+    )
+    outcome: list[Any] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(watch.run)
+        try:
+            with watch.watching(who):
+                outcome.append(await call())
+        except Exception as exc:
+            outcome.append(exc)
+        tg.cancel_scope.cancel()
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
 async def test_a_slow_call_with_a_live_server_completes():
     probes = Probes()
 
@@ -54,6 +76,28 @@ async def test_a_slow_call_with_a_live_server_completes():
     result = await watched(call, probes, suspect_after=0.05, probe_timeout=0.1, who="s")
     assert result == "done"
     assert 2 <= probes.calls <= 3  # at 0.05, 0.15, 0.35 s: the interval doubles
+
+
+async def test_the_watcher_sleeps_between_steps_and_probes_only_slow_ones():
+    probes = Probes()
+    watch: StepWatch[str] = StepWatch(0.05, lambda _: probes(), lambda _: 0.1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(watch.run)
+        for _ in range(20):  # quick steps: no probe
+            with watch.watching("s"):
+                await anyio.sleep(0.001)
+        await anyio.sleep(0.2)  # idle: no probe either
+        assert probes.calls == 0
+        with watch.watching("s"):
+            await anyio.sleep(0.12)
+        assert probes.calls == 1
+        with (
+            pytest.raises(RuntimeError, match="one step at a time"),
+            watch.watching("a"),
+            watch.watching("b"),
+        ):
+            pass
+        tg.cancel_scope.cancel()
 
 
 async def test_a_failed_probe_abandons_the_call():

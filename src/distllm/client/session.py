@@ -26,7 +26,6 @@ import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
-from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
@@ -42,7 +41,7 @@ from distllm.client.history import History
 from distllm.client.hop import Hop, HopState
 from distllm.client.planner import RouteHop
 from distllm.client.tensors import TORCH_DTYPES, from_wire, ids_to_wire, to_wire
-from distllm.client.watchdog import watched
+from distllm.client.watchdog import StepWatch
 from distllm.protocol.span_messages import METHOD_INFO, InferenceOpen, SpanInfo, SpanInfoRequest
 
 if TYPE_CHECKING:
@@ -99,6 +98,14 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
         #: Deep prompts ``[num_blocks, b or 1, P, h]`` (activation dtype), sent with every step
         #: that covers positions below ``P`` -- replays included.
         self._prompts: torch.Tensor | None = None
+        #: Probes a hop's server when a step keeps it waiting (``client/watchdog.py``).
+        self._watch: StepWatch[Hop] = StepWatch(
+            self._config.suspect_after,
+            self._probe,
+            self._probe_timeout,
+            lambda hop: repr(hop.route.peer),
+        )
+        self._watch_scope: anyio.CancelScope | None = None  # made on entry (in the event loop)
         #: Tokens sampled by ``generate`` and not yet fed through the swarm (continuations).
         self.pending_ids: torch.Tensor | None = None
 
@@ -116,6 +123,8 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
         await tg.__aenter__()
         self._tg = tg
         try:
+            self._watch_scope = anyio.CancelScope()
+            await tg.start(self._run_watch, self._watch_scope)
             route = await self._router.plan_session(
                 0,
                 self.model.num_blocks,
@@ -139,9 +148,20 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
     ) -> None:
         await self._shutdown(failed=exc is not None)
 
+    async def _run_watch(
+        self,
+        scope: anyio.CancelScope,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with scope:
+            await self._watch.run(task_status=task_status)
+
     async def _shutdown(self, *, failed: bool) -> None:
         """Close every hop: end-of-stream after a normal exit, a reset after an error."""
         self._closed = True
+        if self._watch_scope is not None:
+            self._watch_scope.cancel()
         tg = self._tg
         assert tg is not None
         for hop in self._hops:
@@ -303,20 +323,9 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
                     x = from_wire(wire)  # what the server sees, hence what a replay must send
                 try:
                     hop = await self._ready(i)
-                    with anyio.fail_after(config.step_timeout):
-                        out = await watched(
-                            partial(
-                                hop.step,
-                                wire,
-                                start,
-                                hypo_wire,
-                                padding,
-                                self._hop_prompts(hop, start),
-                            ),
-                            partial(self._probe, hop),
-                            suspect_after=config.suspect_after,
-                            probe_timeout=self._probe_timeout(hop),
-                            who=repr(hop.route.peer),
+                    with anyio.fail_after(config.step_timeout), self._watch.watching(hop):
+                        out = await hop.step(
+                            wire, start, hypo_wire, padding, self._hop_prompts(hop, start)
                         )
                 except Exception as exc:
                     if not is_hop_failure(exc):
@@ -423,24 +432,17 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
             # Its outputs matter only to a next hop that must replay them too.
             wanted = following is not None and following.history is None
             config = self._config
-            with anyio.fail_after(config.step_timeout):
-                out = await watched(
-                    partial(
-                        hop.step,
-                        to_wire(history.tensor(), config.activation_dtype),  # raw: exact
-                        0,
-                        None,
-                        self._padding,
-                        self._hop_prompts(hop, 0),
-                        None if wanted else 0,
-                    ),
-                    partial(self._probe, hop),
-                    suspect_after=config.suspect_after,
-                    probe_timeout=self._probe_timeout(hop),
-                    who=repr(hop.route.peer),
+            with anyio.fail_after(config.step_timeout), self._watch.watching(hop):
+                out = await hop.step(
+                    to_wire(history.tensor(), config.activation_dtype),  # raw: exact
+                    0,
+                    None,
+                    self._padding,
+                    self._hop_prompts(hop, 0),
+                    None if wanted else 0,
                 )
             self.stats.replayed_tokens += history.length
-            if following is not None and wanted:
+            if following is not None and following.history is None:
                 following.history = History([from_wire(out)])
         elif following is not None and following.history is None:
             following.history = History()

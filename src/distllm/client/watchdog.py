@@ -6,78 +6,132 @@ long prefill ahead in the server's queue delays every step behind it. So a step 
 answered after ``suspect_after`` seconds gets its server *probed* (``span.info``: answered by
 the server's event loop, never queued behind compute). A server that answers is alive and
 merely busy -- the step keeps waiting and the next probe comes after twice the interval; one
-that does not answer within ``probe_timeout`` is declared unresponsive and the step is
+that does not answer within its probe timeout is declared unresponsive and the step is
 abandoned, so failover starts a few hundred milliseconds after a death instead of after the
 keep-alive timeout.
+
+One :class:`StepWatch` per session watches its step in flight from a task of its own: starting
+and ending a step costs two assignments (no task per step), and the watcher sleeps on an event
+while the session is idle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import anyio
+import anyio.abc
 
 from distllm.errors import DistllmError
 
-__all__ = ["Unresponsive", "watched"]
+__all__ = ["StepWatch", "Unresponsive"]
 
-T = TypeVar("T")
+Target = TypeVar("Target")
 
 
 class Unresponsive(DistllmError):
     """A server kept a step waiting and did not answer a liveness probe in time."""
 
 
-async def watched(
-    call: Callable[[], Awaitable[T]],
-    probe: Callable[[], Awaitable[object]],
-    *,
-    suspect_after: float | None,
-    probe_timeout: float,
-    who: str,
-) -> T:
-    """``await call()``; while it runs past ``suspect_after``, ``probe()`` its server. A probe
-    that raises or overruns ``probe_timeout`` means the server is gone: ``call`` is cancelled
-    and :class:`Unresponsive` raised (the probe's error as its cause). ``None``: no probes.
+@dataclass(eq=False)
+class _InFlight(Generic[Target]):
+    target: Target
+    scope: anyio.CancelScope
+    due: float  # when to probe next
+    interval: float  # the wait before that probe; doubles after each answered probe
+    failure: Unresponsive | None = field(default=None)
 
-    Errors of ``call`` propagate as they are (never wrapped in an exception group).
+
+class StepWatch(Generic[Target]):
+    """Watches one step at a time (``with watch.watching(target): await ...``).
+
+    ``probe(target)`` checks that the target's server is alive: it must return within
+    ``probe_timeout(target)`` seconds. ``suspect_after`` ``None`` disables the watch.
+    Run :meth:`run` in a task group and cancel it when done.
     """
-    if suspect_after is None:
-        return await call()
-    outcome: list[T] = []
-    failure: list[BaseException] = []
-    async with anyio.create_task_group() as tg:
 
-        async def run() -> None:
+    def __init__(
+        self,
+        suspect_after: float | None,
+        probe: Callable[[Target], Awaitable[object]],
+        probe_timeout: Callable[[Target], float],
+        describe: Callable[[Target], str] = repr,
+    ) -> None:
+        self.suspect_after = suspect_after
+        self._probe = probe
+        self._probe_timeout = probe_timeout
+        self._describe = describe
+        self._flight: _InFlight[Target] | None = None
+        self._wake: anyio.Event | None = None  # set while the watcher waits for a step
+        #: Probes sent so far (all steps).
+        self.probes = 0
+
+    @contextmanager
+    def watching(self, target: Target) -> Iterator[None]:
+        """Run the block as the watched step of ``target``; if its server fails a probe, the
+        block is cancelled and :class:`Unresponsive` raised (the probe's error as cause)."""
+        if self.suspect_after is None:
+            yield
+            return
+        if self._flight is not None:
+            raise RuntimeError("a StepWatch watches one step at a time")
+        with anyio.CancelScope() as scope:
+            interval = self.suspect_after
+            flight = _InFlight(target, scope, anyio.current_time() + interval, interval)
+            self._flight = flight
+            if self._wake is not None:
+                self._wake.set()
             try:
-                outcome.append(await call())
-            except Exception as exc:
-                failure.append(exc)
-            tg.cancel_scope.cancel()
+                yield
+            finally:
+                self._flight = None
+        if flight.failure is not None:
+            raise flight.failure
 
-        async def watch() -> None:
-            interval = suspect_after
-            while True:
-                await anyio.sleep(interval)
-                began = anyio.current_time()
-                try:
-                    with anyio.fail_after(probe_timeout):
-                        await probe()
-                except Exception as exc:
-                    waited = anyio.current_time() - began
-                    error = Unresponsive(
-                        f"{who} did not answer a liveness probe within {probe_timeout:g} s "
-                        f"({waited:.2f} s; {type(exc).__name__})"
-                    )
-                    error.__cause__ = exc
-                    failure.append(error)
-                    tg.cancel_scope.cancel()
-                    return
-                interval *= 2
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The watcher: probes overdue steps until cancelled."""
+        task_status.started()
+        if self.suspect_after is None:
+            return
+        while True:
+            flight = self._flight
+            if flight is None:
+                self._wake = anyio.Event()
+                await self._wake.wait()
+                self._wake = None
+                continue
+            now = anyio.current_time()
+            if now < flight.due:
+                # Wakes up once per interval while steps run; a step that ended meanwhile is
+                # simply not the one in flight any more.
+                await anyio.sleep(flight.due - now)
+                continue
+            await self._check(flight)
 
-        tg.start_soon(run)
-        tg.start_soon(watch)
-    if outcome:  # the step's answer wins a race with a failed probe
-        return outcome[0]
-    raise failure[0]
+    async def _check(self, flight: _InFlight[Target]) -> None:
+        timeout = self._probe_timeout(flight.target)
+        self.probes += 1
+        began = anyio.current_time()
+        try:
+            with anyio.fail_after(timeout):
+                await self._probe(flight.target)
+        except Exception as exc:
+            if self._flight is not flight:  # the step ended meanwhile: nothing to abandon
+                return
+            waited = anyio.current_time() - began
+            error = Unresponsive(
+                f"{self._describe(flight.target)} did not answer a liveness probe within "
+                f"{timeout:g} s ({waited:.2f} s; {type(exc).__name__})"
+            )
+            error.__cause__ = exc
+            flight.failure = error
+            flight.scope.cancel()
+            self._flight = None  # the cancelled step leaves the watch at once
+            return
+        flight.interval *= 2
+        flight.due = anyio.current_time() + flight.interval
