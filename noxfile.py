@@ -53,8 +53,10 @@ def demo(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff: lint and formatting."""
     session.install(*CONSTRAINTS, "ruff>=0.8")
-    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py", env=ENV)
-    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "noxfile.py", env=ENV)
+    session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "noxfile.py", env=ENV)
+    session.run(
+        "ruff", "format", "--check", "src", "tests", "benchmarks", "examples", "noxfile.py", env=ENV
+    )
 
 
 @nox.session
