@@ -14,7 +14,8 @@ import torch
 from client_harness import FAST, Harness, swarm_client, tiny_model
 from torch import nn
 
-from distllm.client.autograd import RemoteBlocks, traced_backward, traced_forward
+from distllm.client.autograd import traced_backward, traced_forward
+from distllm.client.remote_blocks import RemoteBlocks
 from distllm.model import load_client_parts, load_span
 from distllm.protocol.span_messages import (
     BackwardRequest,

@@ -19,7 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from distllm.client.autograd import Gradients, RemoteBlocks
+    from distllm.client.autograd import Gradients
     from distllm.client.client import Client
     from distllm.client.config import ClientConfig
     from distllm.client.errors import NoRouteError
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from distllm.client.model import RemoteModel
     from distllm.client.planner import RouteHop
     from distllm.client.ptune import PromptTuning
+    from distllm.client.remote_blocks import RemoteBlocks
     from distllm.client.session import InferenceSession
 
 __all__ = [
@@ -54,7 +55,7 @@ _HOMES = {
     "InferenceSession": "session",
     "NoRouteError": "errors",
     "PromptTuning": "ptune",
-    "RemoteBlocks": "autograd",
+    "RemoteBlocks": "remote_blocks",
     "RemoteModel": "model",
     "RouteChanged": "events",
     "RouteFailedError": "failures",

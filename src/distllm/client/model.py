@@ -8,15 +8,10 @@ from typing import Any
 
 import torch
 
-from distllm.client.autograd import (
-    AsyncCall,
-    Gradients,
-    RemoteBlocks,
-    traced_backward,
-    traced_forward,
-)
+from distllm.client.autograd import Gradients, traced_backward, traced_forward
 from distllm.client.config import ClientConfig
 from distllm.client.events import EventCallback
+from distllm.client.remote_blocks import AsyncCall, RemoteBlocks
 from distllm.client.router import Router
 from distllm.client.session import InferenceSession
 from distllm.model import ClientParts
@@ -104,8 +99,8 @@ class RemoteModel:
 
     def blocks(self, *, adapter: str | None = None, call: AsyncCall | None = None) -> RemoteBlocks:
         """Every block as a ``torch.nn.Module`` of a local autograd graph (synchronous: see
-        :class:`~distllm.client.autograd.RemoteBlocks`; ``call`` runs its async work, by default
-        on the loop of the anyio worker thread it is called from)."""
+        :class:`~distllm.client.remote_blocks.RemoteBlocks`; ``call`` runs its async work, by
+        default on the loop of the anyio worker thread it is called from)."""
         return RemoteBlocks(self, adapter=adapter, call=call)
 
     async def refresh(self) -> None:
