@@ -11,11 +11,12 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from client_harness import FAST, Harness, swarm_client, tiny_model
+from client_harness import FAST, SERVER_CONFIG, Harness, swarm_client, tiny_model
 from torch import nn
 
 from distllm.client.autograd import traced_backward, traced_forward
 from distllm.client.remote_blocks import RemoteBlocks
+from distllm.errors import LimitExceeded
 from distllm.model import load_client_parts, load_span
 from distllm.protocol.span_messages import (
     BackwardRequest,
@@ -322,3 +323,21 @@ async def test_a_server_that_forgot_a_forward_id_recomputes_and_is_not_banned(ro
         torch.testing.assert_close(grads.hidden, grad_x, **TOL)
         assert [r.forward_id for r in sent] == [b"never-sent", None, b"never-sent", None]
         assert no_bans(h)
+
+
+async def test_a_batch_too_large_for_the_servers_is_refused_or_split(root: Path):
+    path = tiny_model("llama", root)
+    x = torch.randn(4, 8, HIDDEN)  # 32 tokens
+    g = torch.randn(4, 8, HIDDEN)
+    out, grad, _ = local_autograd(path, x, None, g)
+    small = dataclasses.replace(SERVER_CONFIG, max_request_tokens=16)
+    async with swarm_client(path, [(0, 2), (2, 4)], server_config=small) as h:
+        # One request of 32 tokens: the servers refuse it, and nobody is banned for it.
+        with pytest.raises(LimitExceeded, match="max_request_tokens"):
+            await h.model.forward(x)
+        assert not h.model.router.banned()
+    split = dataclasses.replace(FAST, max_forward_tokens=16)
+    async with swarm_client(path, [(0, 2), (2, 4)], server_config=small, config=split) as h:
+        # Sub-batches of 2 rows (16 tokens) fit.
+        torch.testing.assert_close(await h.model.forward(x), out, **TOL)
+        torch.testing.assert_close((await h.model.backward(x, g)).hidden, grad, **TOL)

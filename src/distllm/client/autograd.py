@@ -37,7 +37,7 @@ import torch
 from distllm.client.failures import RouteFailedError, check_adapter, is_hop_failure
 from distllm.client.planner import RouteHop
 from distllm.client.tensors import TORCH_DTYPES, from_wire, to_wire
-from distllm.errors import RemoteError, RemoteProtocolError
+from distllm.errors import LimitExceeded, RemoteError, RemoteProtocolError
 from distllm.protocol.span_messages import (
     METHOD_BACKWARD,
     METHOD_FORWARD,
@@ -285,7 +285,7 @@ async def _forward_range(
             try:
                 call, y = await _call_forward(model, call, adapter)
             except Exception as exc:
-                if not is_hop_failure(exc):
+                if not _hop_failure(exc):
                     raise
                 budget.failed(hop, exc)
                 break  # re-plan from this hop's blocks on
@@ -310,7 +310,7 @@ async def _backward_calls(
         try:
             grad_inputs, grad_slice = await _call_backward(model, call, grad, adapter)
         except Exception as exc:
-            if not is_hop_failure(exc):
+            if not _hop_failure(exc):
                 raise
             budget.failed(call.hop, exc)
             hop = call.hop
@@ -418,6 +418,12 @@ def _checked(result: torch.Tensor, like: torch.Tensor, hop: RouteHop, what: str)
 
 
 # -- inputs ------------------------------------------------------------------------------------
+
+
+def _hop_failure(exc: BaseException) -> bool:
+    """A failure to route around -- but not ``LimitExceeded``: a request too large for a server
+    is the caller's to shrink (``ClientConfig.max_forward_tokens``), not the server's fault."""
+    return is_hop_failure(exc) and not isinstance(exc, LimitExceeded)
 
 
 def _activations(model: RemoteModel, hidden: torch.Tensor) -> torch.Tensor:
