@@ -134,7 +134,8 @@ async def distributed_rates(
 ) -> dict[str, float]:
     tokens = x.shape[0] * x.shape[1]
     config = ClientConfig(step_timeout=120.0, max_forward_tokens=args.sub_batch_tokens)
-    transport = TransportConfig(max_datagram_size=args.max_datagram_size)
+    size = args.max_datagram_size
+    transport = TransportConfig(max_datagram_size=size, loopback_datagram_size=size)
     async with Client(swarm.initial_peers, config=config, transport_config=transport) as client:
         remote = await client.model(path)
         return {
@@ -168,7 +169,8 @@ def main() -> int:
     ):
         swarm.start_dht()
         extra = ("--no-measure", "--num-threads", str(args.threads))
-        extra += ("--max-datagram-size", str(args.max_datagram_size))
+        size = str(args.max_datagram_size)
+        extra += ("--max-datagram-size", size, "--loopback-datagram-size", size)
         for span in spans:
             swarm.add_server(model.path, span, name=model.name, extra=extra)
         swarm.wait_ready()

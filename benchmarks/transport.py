@@ -128,7 +128,10 @@ def summarize(samples: list[float]) -> tuple[float, float]:
 
 def quic_config(datagram: int) -> TransportConfig:
     return TransportConfig(
-        max_datagram_size=datagram, stream_send_window=WINDOW, stream_receive_window=WINDOW
+        max_datagram_size=datagram,
+        loopback_datagram_size=datagram,  # this measures the size asked for, on loopback too
+        stream_send_window=WINDOW,
+        stream_receive_window=WINDOW,
     )
 
 

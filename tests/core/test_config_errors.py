@@ -28,6 +28,10 @@ def test_defaults_are_valid() -> None:
             lambda: TransportConfig(max_datagram_size=1000),
             "max_datagram_size must be in 1200..16384, got 1000",
         ),
+        (
+            lambda: TransportConfig(loopback_datagram_size=65536),
+            "loopback_datagram_size must be in 1200..16384, got 65536",
+        ),
         (lambda: TransportConfig(connect_timeout=0), "connect_timeout must be > 0, got 0"),
         (
             lambda: TransportConfig(keepalive_interval=1.0, dead_peer_timeout=0.5),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -14,6 +16,7 @@ from distllm.errors import PeerGone
 from distllm.identity import Identity
 from distllm.transport.base import Endpoint, Stream
 from distllm.transport.quic import QuicEndpoint, StreamCode, StreamReset
+from distllm.transport.quic_socket import is_loopback
 
 pytestmark = pytest.mark.anyio
 
@@ -269,3 +272,40 @@ async def test_endpoint_is_entered_once_and_address_needs_entering() -> None:
     with pytest.raises(RuntimeError):
         async with endpoint:
             pass
+
+
+@pytest.mark.parametrize(("loopback", "expected"), [(None, 16384), (1200, 1200), (9000, 9000)])
+async def test_loopback_connections_use_the_loopback_datagram_size(
+    loopback: int | None, expected: int
+) -> None:
+    config = (
+        CONFIG if loopback is None else dataclasses.replace(CONFIG, loopback_datagram_size=loopback)
+    )
+    payload = os.urandom(256 * 1024)
+    async with endpoints(2, config) as (server, client):
+        server.set_stream_handler(echo)
+        async with await client.open_stream(server.address) as stream:
+            await stream.send(payload)
+            await stream.send_eof()
+            assert await read_all(stream) == payload
+        for endpoint, peer in ((client, server.peer_id), (server, client.peer_id)):
+            (conn,) = endpoint._pool[peer]
+            assert conn.quic.configuration.max_datagram_size == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.3.2.1", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("10.0.0.1", False),
+        ("192.168.1.20", False),
+        ("2001:db8::1", False),
+        ("fe80::1%eth0", False),
+        ("example.org", False),
+    ],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback

@@ -27,7 +27,13 @@ pytestmark = pytest.mark.anyio
 MiB = 1024 * 1024
 #: Slack on top of a timeout, for a real network stack on a busy 2-core machine.
 MARGIN = 1.5
-CONFIG = TransportConfig(connect_timeout=2.0, keepalive_interval=0.2, dead_peer_timeout=1.0)
+# Small datagrams on loopback too: faults meet many packets per transfer, as on the Internet.
+CONFIG = TransportConfig(
+    connect_timeout=2.0,
+    keepalive_interval=0.2,
+    dead_peer_timeout=1.0,
+    loopback_datagram_size=1200,
+)
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 # A peer in another process: it answers b"first" on each stream, then holds it open.

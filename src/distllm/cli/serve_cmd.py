@@ -75,6 +75,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument(
         "--max-datagram-size", type=int, default=1200, metavar="N", help="UDP datagram size"
     )
+    parser.add_argument(
+        "--loopback-datagram-size",
+        type=int,
+        default=16384,
+        metavar="N",
+        help="UDP datagram size with peers on this machine (16384)",
+    )
     parser.add_argument("--announce-period", type=float, default=30.0, metavar="SECONDS")
     parser.add_argument(
         "--rebalance-period",
@@ -146,7 +153,10 @@ def run(args: argparse.Namespace) -> int:
             initial=[PeerAddress.parse(text) for text in args.initial_peers],
             model=model,
             blocks=blocks,
-            transport=TransportConfig(max_datagram_size=args.max_datagram_size),
+            transport=TransportConfig(
+                max_datagram_size=args.max_datagram_size,
+                loopback_datagram_size=args.loopback_datagram_size,
+            ),
             server=ServerConfig(
                 dtype=args.dtype,
                 quant=args.quant,

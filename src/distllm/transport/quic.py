@@ -33,7 +33,7 @@ from distllm.transport.base import Stream, StreamHandler
 from distllm.transport.quic_conn import CloseCode, Connection, State, renew
 from distllm.transport.quic_core import CoreConnection
 from distllm.transport.quic_driver import Address, Driver
-from distllm.transport.quic_socket import CID_LENGTH, open_udp_socket, resolve
+from distllm.transport.quic_socket import CID_LENGTH, is_loopback, open_udp_socket, resolve
 from distllm.transport.quic_stream import QuicByteStream, StreamCode, StreamReset
 from distllm.transport.tls import ALPN, make_certificate
 
@@ -81,10 +81,20 @@ class QuicEndpoint:
         self._host = host
         self._port = port
         certificate = make_certificate(identity)
+        # Connections to and from loopback peers get datagrams of their own size (see
+        # TransportConfig.loopback_datagram_size).
+        loopback = max(config.max_datagram_size, config.loopback_datagram_size)
         self._client_config = self._quic_configuration(is_client=True)
+        self._loopback_client_config = self._quic_configuration(
+            is_client=True, datagram_size=loopback
+        )
         self._server_config = self._quic_configuration(is_client=False)
-        self._server_config.certificate = certificate
-        self._server_config.private_key = identity.private_key
+        self._loopback_server_config = self._quic_configuration(
+            is_client=False, datagram_size=loopback
+        )
+        for server in (self._server_config, self._loopback_server_config):
+            server.certificate = certificate
+            server.private_key = identity.private_key
         self._handler: StreamHandler | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._sock: socket.socket | None = None
@@ -98,7 +108,9 @@ class QuicEndpoint:
         self._dials: dict[PeerID, _Dial] = {}
         self._ping_ids = itertools.count()
 
-    def _quic_configuration(self, *, is_client: bool) -> QuicConfiguration:
+    def _quic_configuration(
+        self, *, is_client: bool, datagram_size: int | None = None
+    ) -> QuicConfiguration:
         config = self.config
         return QuicConfiguration(
             is_client=is_client,
@@ -106,7 +118,7 @@ class QuicEndpoint:
             connection_id_length=CID_LENGTH,
             # aioquic's own idle timer is a backstop behind our keep-alives and dead-peer check
             idle_timeout=max(config.idle_timeout, config.dead_peer_timeout) + 10.0,
-            max_datagram_size=config.max_datagram_size,
+            max_datagram_size=datagram_size or config.max_datagram_size,
             # connection-level credit doubles as used (aioquic); per-stream credit is ours
             max_data=max(16 * _MiB, 4 * config.stream_receive_window),
             max_stream_data=config.stream_receive_window,
@@ -241,7 +253,9 @@ class QuicEndpoint:
     def _new_client(self, peer_id: PeerID, addr: Address) -> Connection:
         now = anyio.current_time()
         quic = CoreConnection(
-            configuration=self._client_config,
+            configuration=self._loopback_client_config
+            if is_loopback(addr[0])
+            else self._client_config,
             peer_stream_limit=self._stream_limit(),
             pacing=self.config.pacing,
         )
@@ -319,7 +333,9 @@ class QuicEndpoint:
         ):
             return
         quic = CoreConnection(
-            configuration=self._server_config,
+            configuration=self._loopback_server_config
+            if is_loopback(addr[0])
+            else self._server_config,
             original_destination_connection_id=header.destination_cid,
             peer_stream_limit=self._stream_limit(),
             pacing=self.config.pacing,

@@ -6,13 +6,14 @@ awaiting once per datagram through a socket object costs several times more CPU 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 from typing import Any
 
 import anyio
 
-__all__ = ["open_udp_socket", "resolve", "route_key"]
+__all__ = ["is_loopback", "open_udp_socket", "resolve", "route_key"]
 
 _log = logging.getLogger("distllm.transport.quic")
 
@@ -76,6 +77,18 @@ async def _getaddrinfo(host: str, port: int, family: int, flags: int) -> list[tu
     if not infos:
         raise OSError(f"cannot resolve {host!r}")
     return infos
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a numeric address, as sockets report peers) is this machine's
+    loopback: 127.0.0.0/8, ::1, or an IPv4-mapped loopback."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def route_key(data: bytes) -> bytes | None:
