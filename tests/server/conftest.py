@@ -179,7 +179,13 @@ class SpanClient:
         )
 
     async def forward(
-        self, hidden: torch.Tensor, prompts: torch.Tensor | None = None, **kwargs: Any
+        self,
+        hidden: torch.Tensor,
+        prompts: torch.Tensor | None = None,
+        *,
+        adapter: str | None = None,
+        forward_id: bytes | None = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
         request = ForwardRequest(
             kwargs.pop("model", MODEL),
@@ -188,6 +194,8 @@ class SpanClient:
             wire(hidden),
             wire(prompts),
             kwargs.pop("compression", None),
+            adapter=adapter,
+            forward_id=forward_id,
         )
         reply = await self.rpc.call(
             self.server, METHOD_FORWARD, request, response_type=ForwardResponse
@@ -197,11 +205,25 @@ class SpanClient:
     async def backward(
         self,
         hidden: torch.Tensor,
-        grad_output: torch.Tensor,
+        grad_output: torch.Tensor | WireTensor,
         prompts: torch.Tensor | None = None,
+        *,
+        adapter: str | None = None,
+        forward_id: bytes | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients w.r.t. ``hidden`` and ``prompts``; ``grad_output`` may come ready-made as
+        a wire tensor (of another dtype, say)."""
+        grad = grad_output if isinstance(grad_output, WireTensor) else wire(grad_output)
         request = BackwardRequest(
-            MODEL, 0, BLOCKS, wire(hidden), wire(grad_output), wire(prompts), None
+            MODEL,
+            0,
+            BLOCKS,
+            wire(hidden),
+            grad,
+            wire(prompts),
+            None,
+            adapter=adapter,
+            forward_id=forward_id,
         )
         reply = await self.rpc.call(
             self.server, METHOD_BACKWARD, request, response_type=BackwardResponse

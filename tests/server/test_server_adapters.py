@@ -19,12 +19,6 @@ from distllm.errors import RemoteError
 from distllm.model import PagedKVCache, load_span
 from distllm.model.adapters import InvalidAdapter, load_adapters
 from distllm.protocol import (
-    METHOD_BACKWARD,
-    METHOD_FORWARD,
-    BackwardRequest,
-    BackwardResponse,
-    ForwardRequest,
-    ForwardResponse,
     InferenceOpen,
     InferenceOpened,
     InferenceOutput,
@@ -125,37 +119,6 @@ def peft_blocks(
     return seen["input"].detach(), seen["output"].detach(), grad
 
 
-def wire(tensor: torch.Tensor | None) -> Any:
-    return None if tensor is None else to_wire(tensor, "float32", "none")
-
-
-async def forward(client: Any, x: torch.Tensor, adapter: str | None) -> torch.Tensor:
-    request = ForwardRequest(MODEL, 0, BLOCKS, wire(x), None, None, adapter=adapter)
-    reply = await client.rpc.call(
-        client.server, METHOD_FORWARD, request, response_type=ForwardResponse
-    )
-    return from_wire(reply.hidden).clone()
-
-
-async def backward(
-    client: Any, x: torch.Tensor, grad_output: torch.Tensor, adapter: str | None
-) -> torch.Tensor:
-    request = BackwardRequest(
-        MODEL,
-        0,
-        BLOCKS,
-        wire(x),
-        wire(grad_output),
-        None,
-        None,
-        adapter=adapter,
-    )
-    reply = await client.rpc.call(
-        client.server, METHOD_BACKWARD, request, response_type=BackwardResponse
-    )
-    return from_wire(reply.grad_inputs).clone()
-
-
 # -- forward, backward, inference against PEFT -------------------------------------------------
 
 
@@ -175,8 +138,8 @@ async def test_forward_and_backward_match_peft(
                 checkpoint(family), None if adapter is None else lora(family, adapter)
             )
             x, expected, expected_grad = peft_blocks(model, input_ids, grad_output)
-            out = await forward(harness.client, x, adapter)
-            grad = await backward(harness.client, x, grad_output, adapter)
+            out = await harness.client.forward(x, adapter=adapter)
+            grad, _ = await harness.client.backward(x, grad_output, adapter=adapter)
             torch.testing.assert_close(out, expected, **TOL)
             torch.testing.assert_close(grad, expected_grad, **TOL)
 
@@ -208,7 +171,11 @@ async def test_sessions_of_different_adapters_step_together_exactly(
                 await s.receive_as(InferenceOpened)
                 outputs = []
                 for step, (begin, end) in enumerate([(0, 4), *((t, t + 1) for t in range(4, 9))]):
-                    await s.send(InferenceStep(wire(x[:, begin:end]), None, None, None, step))
+                    await s.send(
+                        InferenceStep(
+                            to_wire(x[:, begin:end], "float32", "none"), None, None, None, step
+                        )
+                    )
                     with anyio.fail_after(30):
                         reply = await s.receive_as(InferenceOutput)
                     outputs.append(from_wire(reply.hidden).clone())
@@ -270,9 +237,9 @@ async def test_unknown_adapters_are_refused_before_compute(
     async with serve("llama", adapters=(("alpha", lora("llama", "alpha")),)) as harness:
         client = harness.client
         with remote("UnknownAdapter"):
-            await forward(client, x, "nope")
+            await client.forward(x, adapter="nope")
         with remote("UnknownAdapter"):
-            await backward(client, x, torch.ones_like(x), "beta")
+            await client.backward(x, torch.ones_like(x), adapter="beta")
         opening = InferenceOpen(MODEL, 0, BLOCKS, 8, 1, b"x", "float32", None, adapter="Alpha")
         with remote("UnknownAdapter"):
             async with client.rpc.open_stream(client.server, "span.inference", timeout=60) as s:
@@ -282,7 +249,7 @@ async def test_unknown_adapters_are_refused_before_compute(
         info = await client.info()
         assert info.adapters == ("alpha",)
         # the server keeps serving
-        assert (await forward(client, x, "alpha")).shape == x.shape
+        assert (await client.forward(x, adapter="alpha")).shape == x.shape
 
 
 @pytest.mark.anyio

@@ -12,72 +12,16 @@ import pytest
 import torch
 
 from distllm.errors import RemoteError
-from distllm.protocol import (
-    METHOD_BACKWARD,
-    METHOD_FORWARD,
-    BackwardRequest,
-    BackwardResponse,
-    ForwardRequest,
-    ForwardResponse,
-)
 from distllm.protocol.errors import UnknownForward
 from distllm.server.graphs import GraphStore, KeptGraph, record_graph, storage_keys
-from distllm.server.tensors import from_wire, to_wire
+from distllm.server.tensors import to_wire
 from distllm.testing import eventually
 from distllm.testing.models import make_tiny_lora
-from distllm.wire.tensors import WireTensor
 
 HIDDEN = 64
 BLOCKS = 4
 MODEL = "tiny-test-model"
 EXACT = {"atol": 1e-6, "rtol": 1e-6}
-
-
-def wire(tensor: torch.Tensor | None) -> Any:
-    return None if tensor is None else to_wire(tensor, "float32", "none")
-
-
-async def forward(
-    client: Any,
-    x: torch.Tensor,
-    forward_id: bytes | None = None,
-    prompts: torch.Tensor | None = None,
-    adapter: str | None = None,
-) -> torch.Tensor:
-    request = ForwardRequest(
-        MODEL, 0, BLOCKS, wire(x), wire(prompts), None, adapter=adapter, forward_id=forward_id
-    )
-    reply = await client.rpc.call(
-        client.server, METHOD_FORWARD, request, response_type=ForwardResponse
-    )
-    return from_wire(reply.hidden).clone()
-
-
-async def backward(
-    client: Any,
-    x: torch.Tensor,
-    grad_output: torch.Tensor | WireTensor,
-    forward_id: bytes | None = None,
-    prompts: torch.Tensor | None = None,
-    adapter: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    grad = grad_output if isinstance(grad_output, WireTensor) else wire(grad_output)
-    request = BackwardRequest(
-        MODEL,
-        0,
-        BLOCKS,
-        wire(x),
-        grad,
-        wire(prompts),
-        None,
-        adapter=adapter,
-        forward_id=forward_id,
-    )
-    reply = await client.rpc.call(
-        client.server, METHOD_BACKWARD, request, response_type=BackwardResponse
-    )
-    grad_prompts = None if reply.grad_prompts is None else from_wire(reply.grad_prompts).clone()
-    return from_wire(reply.grad_inputs).clone(), grad_prompts
 
 
 def remote(type_name: str) -> Any:
@@ -104,13 +48,13 @@ async def test_a_kept_graph_gives_the_recomputed_gradients(
         assert graphs is not None
         for adapter in (None, "a"):
             for p in (None, prompts):
-                plain = await forward(client, x, prompts=p, adapter=adapter)
-                kept = await forward(client, x, b"f1", prompts=p, adapter=adapter)
+                plain = await client.forward(x, p, adapter=adapter)
+                kept = await client.forward(x, p, forward_id=b"f1", adapter=adapter)
                 assert len(graphs) == 1 and graphs.bytes > x.numel() * 4 * BLOCKS
                 torch.testing.assert_close(kept, plain, atol=1e-5, rtol=1e-5)
-                reused = await backward(client, x, grad_output, b"f1", p, adapter)
+                reused = await client.backward(x, grad_output, p, forward_id=b"f1", adapter=adapter)
                 assert len(graphs) == 0 and graphs.bytes == 0  # taken
-                recomputed = await backward(client, x, grad_output, None, p, adapter)
+                recomputed = await client.backward(x, grad_output, p, adapter=adapter)
                 torch.testing.assert_close(reused[0], recomputed[0], **EXACT)
                 if p is None:
                     assert reused[1] is None and recomputed[1] is None
@@ -118,7 +62,7 @@ async def test_a_kept_graph_gives_the_recomputed_gradients(
                     assert reused[1] is not None and recomputed[1] is not None
                     torch.testing.assert_close(reused[1], recomputed[1], **EXACT)
                 # seen but no longer kept: recomputed, the same again
-                again = await backward(client, x, grad_output, b"f1", p, adapter)
+                again = await client.backward(x, grad_output, p, forward_id=b"f1", adapter=adapter)
                 torch.testing.assert_close(again[0], recomputed[0], **EXACT)
 
 
@@ -128,14 +72,14 @@ async def test_forward_ids_belong_to_their_caller(serve: Callable[..., Any]) -> 
     async with serve("llama", clients=2) as harness:
         alice, bob = harness.clients
         with remote("UnknownForward"):
-            await backward(alice, x, grad, b"never")
-        await forward(alice, x, b"mine")
+            await alice.backward(x, grad, forward_id=b"never")
+        await alice.forward(x, forward_id=b"mine")
         with remote("UnknownForward"):  # bob cannot take (nor learn of) alice's graph
-            await backward(bob, x, grad, b"mine")
+            await bob.backward(x, grad, forward_id=b"mine")
         graphs = harness.server.backend.graphs
         assert graphs is not None and len(graphs) == 1
-        reused, _ = await backward(alice, x, grad, b"mine")
-        recomputed, _ = await backward(alice, x, grad)
+        reused, _ = await alice.backward(x, grad, forward_id=b"mine")
+        recomputed, _ = await alice.backward(x, grad)
         torch.testing.assert_close(reused, recomputed, **EXACT)
 
 
@@ -148,15 +92,15 @@ async def test_a_backward_unlike_its_forward_is_refused(
     async with serve("llama", adapters=(("a", lora),)) as harness:
         client = harness.client
         cases: list[dict[str, Any]] = [
-            {"x": torch.randn(1, 5, HIDDEN), "grad_output": torch.randn(1, 5, HIDDEN)},
+            {"hidden": torch.randn(1, 5, HIDDEN), "grad_output": torch.randn(1, 5, HIDDEN)},
             {"prompts": torch.randn(BLOCKS, 1, 2, HIDDEN)},
             {"adapter": "a"},
         ]
         for case in cases:
-            await forward(client, x, b"f")
-            args = {"x": x, "grad_output": grad, **case}
+            await client.forward(x, forward_id=b"f")
+            args = {"hidden": x, "grad_output": grad, **case}
             with remote("InvalidTensor"):
-                await backward(client, forward_id=b"f", **args)
+                await client.backward(forward_id=b"f", **args)
 
 
 @pytest.mark.anyio
@@ -175,14 +119,14 @@ async def test_grad_output_is_checked_with_a_kept_graph(serve: Callable[..., Any
     async with serve("llama") as harness:
         client = harness.client
         for bad in cases:
-            await forward(client, x, b"f")
+            await client.forward(x, forward_id=b"f")
             with remote("InvalidTensor"):
-                await backward(client, x, bad, b"f")
+                await client.backward(x, bad, forward_id=b"f")
         # still served, exactly
         good = torch.randn(1, 4, HIDDEN)
-        await forward(client, x, b"f")
-        reused, _ = await backward(client, x, good, b"f")
-        torch.testing.assert_close(reused, (await backward(client, x, good))[0], **EXACT)
+        await client.forward(x, forward_id=b"f")
+        reused, _ = await client.backward(x, good, forward_id=b"f")
+        torch.testing.assert_close(reused, (await client.backward(x, good))[0], **EXACT)
 
 
 # -- the budget, the time to live, the server's stop -------------------------------------------
@@ -194,32 +138,32 @@ async def test_the_server_keeps_to_its_budget_and_ttl(serve: Callable[..., Any])
     async with serve("llama") as harness:
         client, graphs = harness.client, harness.server.backend.graphs
         assert graphs is not None
-        await forward(client, x, b"a")
+        await client.forward(x, forward_id=b"a")
         one = graphs.bytes
         graphs.max_bytes = 2 * one + one // 2  # room for two such graphs
-        await forward(client, x, b"b")
-        await forward(client, x, b"c")  # evicts a, the least recently kept
+        await client.forward(x, forward_id=b"b")
+        await client.forward(x, forward_id=b"c")  # evicts a, the least recently kept
         assert len(graphs) == 2 and graphs.bytes == 2 * one and graphs.evicted == 1
-        recomputed, _ = await backward(client, x, grad)
+        recomputed, _ = await client.backward(x, grad)
         for forward_id in (b"a", b"b"):  # a was dropped (recomputed), b was kept
-            reused, _ = await backward(client, x, grad, forward_id)
+            reused, _ = await client.backward(x, grad, forward_id=forward_id)
             torch.testing.assert_close(reused, recomputed, **EXACT)
         assert len(graphs) == 1
-        await backward(client, x, grad, b"c")
+        await client.backward(x, grad, forward_id=b"c")
         # a graph not taken in time expires, while the server is idle
         graphs.ttl = 0.2
-        await forward(client, x, b"t")
+        await client.forward(x, forward_id=b"t")
         assert len(graphs) == 1
         await eventually(lambda: len(graphs) == 0, within=10.0)
         assert graphs.bytes == 0
         # a graph alone over the budget is not kept; its backward recomputes
         graphs.max_bytes = one // 2
-        await forward(client, torch.randn(1, 8, HIDDEN), b"big")
+        await client.forward(torch.randn(1, 8, HIDDEN), forward_id=b"big")
         assert len(graphs) == 0
-        await backward(client, x, grad, b"big")
+        await client.backward(x, grad, forward_id=b"big")
         # the server drops what it keeps when it stops
         graphs.max_bytes = 4 * one
-        await forward(client, x, b"left")
+        await client.forward(x, forward_id=b"left")
         assert len(graphs) == 1
     assert len(graphs) == 0
 
@@ -228,13 +172,13 @@ async def test_the_server_keeps_to_its_budget_and_ttl(serve: Callable[..., Any])
 async def test_no_budget_keeps_nothing(serve: Callable[..., Any]) -> None:
     x, grad = torch.randn(1, 4, HIDDEN), torch.randn(1, 4, HIDDEN)
     async with serve("llama", kept_graph_bytes=0) as harness:
-        await forward(harness.client, x, b"f")
+        await harness.client.forward(x, forward_id=b"f")
         graphs = harness.server.backend.graphs
         assert graphs is not None and len(graphs) == 0 and graphs.declined == 0  # not even tried
-        reused, _ = await backward(harness.client, x, grad, b"f")
-        torch.testing.assert_close(reused, (await backward(harness.client, x, grad))[0], **EXACT)
+        reused, _ = await harness.client.backward(x, grad, forward_id=b"f")
+        torch.testing.assert_close(reused, (await harness.client.backward(x, grad))[0], **EXACT)
         with remote("UnknownForward"):
-            await backward(harness.client, x, grad, b"g")
+            await harness.client.backward(x, grad, forward_id=b"g")
 
 
 # -- the store and the measurement, directly ---------------------------------------------------
