@@ -31,7 +31,7 @@ owns and :meth:`DistributedModelForCausalLM.close` stops (:mod:`distllm.client.h
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -129,10 +129,9 @@ class DistributedPreTrainedModel(PreTrainedModel):  # type: ignore[no-untyped-ca
     # -- construction and lifetime -------------------------------------------------------------
 
     @classmethod
-    def _load(
+    def from_pretrained(  # type: ignore[override]
         cls: type[M],
         model: str | Path,
-        build: Callable[[PretrainedConfig, RemoteModel, Runtime, GenerationConfig | None], M],
         *,
         initial_peers: Sequence[str | PeerAddress] = (),
         dtype: torch.dtype | str | None = None,
@@ -140,13 +139,32 @@ class DistributedPreTrainedModel(PreTrainedModel):  # type: ignore[no-untyped-ca
         client: Client | None = None,
         portal: BlockingPortal | None = None,
         backend: str = "asyncio",
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        adapter: str | None = None,
+        config_updates: Mapping[str, Any] | None = None,
         **client_kwargs: Any,
     ) -> M:
-        """Resolve ``model``, join the swarm (or borrow ``client`` and ``portal``), reach the
-        model there and ``build`` the face; on failure, close what was opened."""
+        """Load the local parts of ``model`` and reach its blocks through the swarm.
+
+        ``model``: a local checkpoint directory, or the embedded default's name
+        (``SmolLM2-135M-Instruct``). ``dtype`` of the local parts (default float32).
+        A new :class:`~distllm.client.Client` joins the swarm through ``initial_peers`` (other
+        keyword arguments go to it: ``identity``, ``host``, ``port``, ``transport_config``;
+        ``client_config`` becomes its ``config``), on an event loop of ``backend`` started in a
+        thread of its own; the model owns and closes both. Or lend an open ``client`` together
+        with the ``portal`` of the loop it runs on (tests, embedders): the model closes neither.
+
+        ``tuning_mode`` (``"ptune"`` or ``"deep_ptune"``) with ``pre_seq_len`` adds trainable
+        prompts (:class:`~distllm.client.ptune.PromptTuning`, ``model.ptune``); ``adapter``
+        names a LoRA adapter the servers host (``distllm serve --adapter NAME=PATH``): every
+        forward, backward and inference session then runs through it. ``config_updates`` are
+        set on the model's config before the model is built (a head's own settings).
+        """
         from distllm.client.client import Client
         from distllm.model.resolve import resolve_model
 
+        check_tuning(tuning_mode, pre_seq_len)  # before joining the swarm
         if client is not None and portal is None:
             raise ValueError("a lent client needs the portal of the event loop it runs on")
         if client is None and not initial_peers:
@@ -162,13 +180,37 @@ class DistributedPreTrainedModel(PreTrainedModel):  # type: ignore[no-untyped-ca
             remote: RemoteModel = runtime.call(partial(client.model, model, dtype=torch_dtype))
             config = copy.deepcopy(remote.config)  # transformers adjusts it in place
             config.name_or_path = str(resolved.path)
+            for key, value in (config_updates or {}).items():
+                setattr(config, key, value)
             generation = None
             if (resolved.path / "generation_config.json").is_file():
                 generation = GenerationConfig.from_pretrained(resolved.path)
-            return build(config, remote, runtime, generation)
+            return cls._from_parts(
+                config,
+                remote,
+                runtime,
+                generation,
+                tuning_mode=tuning_mode,
+                pre_seq_len=pre_seq_len,
+                adapter=adapter,
+            )
         except BaseException:
             runtime.close()
             raise
+
+    @classmethod
+    def _from_parts(
+        cls: type[M],
+        config: PretrainedConfig,
+        remote: RemoteModel,
+        runtime: Runtime,
+        generation: GenerationConfig | None,
+        **options: Any,
+    ) -> M:
+        """The model over what :meth:`from_pretrained` gathered (``generation``: the
+        checkpoint's generation config; only a generating head uses it)."""
+        del generation
+        return cls(config, remote, runtime, **options)
 
     def close(self) -> None:
         """Close the client and stop the loop (if the model owns them). Idempotent."""
@@ -319,65 +361,15 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
     # -- construction and lifetime -------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(  # type: ignore[override]
+    def _from_parts(
         cls,
-        model: str | Path,
-        *,
-        initial_peers: Sequence[str | PeerAddress] = (),
-        dtype: torch.dtype | str | None = None,
-        client_config: ClientConfig | None = None,
-        client: Client | None = None,
-        portal: BlockingPortal | None = None,
-        backend: str = "asyncio",
-        tuning_mode: str | None = None,
-        pre_seq_len: int = 0,
-        adapter: str | None = None,
-        **client_kwargs: Any,
+        config: PretrainedConfig,
+        remote: RemoteModel,
+        runtime: Runtime,
+        generation: GenerationConfig | None,
+        **options: Any,
     ) -> DistributedModelForCausalLM:
-        """Load the local parts of ``model`` and reach its blocks through the swarm.
-
-        ``model``: a local checkpoint directory, or the embedded default's name
-        (``SmolLM2-135M-Instruct``). ``dtype`` of the local parts (default float32).
-        A new :class:`~distllm.client.Client` joins the swarm through ``initial_peers`` (other
-        keyword arguments go to it: ``identity``, ``host``, ``port``, ``transport_config``;
-        ``client_config`` becomes its ``config``), on an event loop of ``backend`` started in a
-        thread of its own; the model owns and closes both. Or lend an open ``client`` together
-        with the ``portal`` of the loop it runs on (tests, embedders): the model closes neither.
-
-        ``tuning_mode`` (``"ptune"`` or ``"deep_ptune"``) with ``pre_seq_len`` adds trainable
-        prompts (:class:`~distllm.client.ptune.PromptTuning`, ``model.ptune``); ``adapter``
-        names a LoRA adapter the servers host (``distllm serve --adapter NAME=PATH``): every
-        forward, backward and inference session then runs through it.
-        """
-        check_tuning(tuning_mode, pre_seq_len)  # before joining the swarm
-
-        def build(
-            config: PretrainedConfig,
-            remote: RemoteModel,
-            runtime: Runtime,
-            generation: GenerationConfig | None,
-        ) -> DistributedModelForCausalLM:
-            return cls(
-                config,
-                remote,
-                runtime,
-                generation,
-                tuning_mode=tuning_mode,
-                pre_seq_len=pre_seq_len,
-                adapter=adapter,
-            )
-
-        return cls._load(
-            model,
-            build,
-            initial_peers=initial_peers,
-            dtype=dtype,
-            client_config=client_config,
-            client=client,
-            portal=portal,
-            backend=backend,
-            **client_kwargs,
-        )
+        return cls(config, remote, runtime, generation, **options)
 
     def close(self) -> None:
         """End the active session, close the client and stop the loop (if the model owns

@@ -15,26 +15,20 @@ is not used. The local pretrained parts are frozen; ``score`` and the prompts tr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, PretrainedConfig
+from transformers import PretrainedConfig
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
-from distllm.client.hf import DistributedPreTrainedModel, check_tuning
+from distllm.client.hf import DistributedPreTrainedModel
 from distllm.client.hf_runtime import Runtime
 
 if TYPE_CHECKING:
-    from anyio.from_thread import BlockingPortal
-
-    from distllm.client.client import Client
-    from distllm.client.config import ClientConfig
     from distllm.client.model import RemoteModel
-    from distllm.ids import PeerAddress
 
 __all__ = [
     "AutoDistributedModelForSequenceClassification",
@@ -86,60 +80,21 @@ class DistributedModelForSequenceClassification(DistributedPreTrainedModel):
         model: str | Path,
         *,
         num_labels: int | None = None,
-        initial_peers: Sequence[str | PeerAddress] = (),
-        dtype: torch.dtype | str | None = None,
-        client_config: ClientConfig | None = None,
-        client: Client | None = None,
-        portal: BlockingPortal | None = None,
-        backend: str = "asyncio",
-        tuning_mode: str | None = None,
-        pre_seq_len: int = 0,
-        adapter: str | None = None,
         problem_type: str | None = None,
-        **client_kwargs: Any,
+        **kwargs: Any,
     ) -> DistributedModelForSequenceClassification:
         """Like :meth:`DistributedModelForCausalLM.from_pretrained
-        <distllm.client.hf.DistributedModelForCausalLM.from_pretrained>`, plus ``num_labels``
+        <distllm.client.hf.DistributedPreTrainedModel.from_pretrained>`, plus ``num_labels``
         (default: the config's, 2) and ``problem_type`` (``"regression"``,
         ``"single_label_classification"``, ``"multi_label_classification"``; default: guessed
         from ``num_labels`` and the labels, as transformers does)."""
-        check_tuning(tuning_mode, pre_seq_len)
         if problem_type is not None and problem_type not in _PROBLEM_TYPES:
             raise ValueError(f"problem_type must be None or one of {_PROBLEM_TYPES}")
         if num_labels is not None and not (isinstance(num_labels, int) and num_labels >= 1):
             raise ValueError(f"num_labels must be an int >= 1, got {num_labels!r}")
-
-        def build(
-            config: PretrainedConfig,
-            remote: RemoteModel,
-            runtime: Runtime,
-            generation: GenerationConfig | None,
-        ) -> DistributedModelForSequenceClassification:
-            del generation  # a classifier does not generate
-            if num_labels is not None:
-                config.num_labels = num_labels
-            if problem_type is not None:
-                config.problem_type = problem_type  # type: ignore[assignment]  # checked below
-            return cls(
-                config,
-                remote,
-                runtime,
-                tuning_mode=tuning_mode,
-                pre_seq_len=pre_seq_len,
-                adapter=adapter,
-            )
-
-        return cls._load(
-            model,
-            build,
-            initial_peers=initial_peers,
-            dtype=dtype,
-            client_config=client_config,
-            client=client,
-            portal=portal,
-            backend=backend,
-            **client_kwargs,
-        )
+        updates = {"num_labels": num_labels, "problem_type": problem_type}
+        kwargs["config_updates"] = {k: v for k, v in updates.items() if v is not None}
+        return super().from_pretrained(model, **kwargs)
 
     def forward(
         self,
