@@ -251,6 +251,12 @@ async def test_deep_prompts_are_replayed_to_a_replacement(root: Path):
             expected = [await session.step(x, prompts=prompts)]
             expected += [await session.step(s) for s in steps]
         async with h.model.inference_session(max_length=16) as session:
+            with pytest.raises(ValueError, match="prompts must be"):  # 3 blocks, not 4
+                await session.step(x, prompts=prompts[:3])
+            bad = prompts.clone()
+            bad[0, 0, 0, 0] = float("nan")
+            with pytest.raises(ValueError, match="prompts holds NaN"):
+                await session.step(x, prompts=bad)
             got = [await session.step(x, prompts=prompts)]
             got.append(await session.step(steps[0]))
             victim = session.route[1].peer

@@ -36,7 +36,7 @@ import torch
 
 from distllm.client.failures import RouteFailedError, check_adapter, is_hop_failure
 from distllm.client.planner import RouteHop
-from distllm.client.tensors import TORCH_DTYPES, from_wire, to_wire
+from distllm.client.tensors import TORCH_DTYPES, checked_prompts, finite, from_wire, to_wire
 from distllm.errors import LimitExceeded, RemoteError, RemoteProtocolError
 from distllm.protocol.span_messages import (
     METHOD_BACKWARD,
@@ -159,7 +159,7 @@ async def traced_backward(
             f"{list(trace.shape)}"
         )
     dtype = TORCH_DTYPES[model.client_config.activation_dtype]
-    g = _finite(grad_output.detach().to(device="cpu", dtype=dtype), "grad_output")
+    g = finite(grad_output.detach().to(device="cpu", dtype=dtype), "grad_output")
     runs = [
         functools.partial(_backward_part, model, trace, part, g[part.rows]) for part in trace.parts
     ]
@@ -434,7 +434,7 @@ def _activations(model: RemoteModel, hidden: torch.Tensor) -> torch.Tensor:
     if not hidden.shape[0]:
         raise ValueError("hidden must have at least one row")
     dtype = TORCH_DTYPES[model.client_config.activation_dtype]
-    return _finite(hidden.detach().to(device="cpu", dtype=dtype).contiguous(), "hidden")
+    return finite(hidden.detach().to(device="cpu", dtype=dtype).contiguous(), "hidden")
 
 
 def _deep_prompts(
@@ -443,25 +443,14 @@ def _deep_prompts(
     if prompts is None:
         return None
     b, length, h = x.shape
-    if (
-        prompts.dim() != 4
-        or prompts.shape[0] != model.num_blocks
-        or prompts.shape[1] not in (1, b)
-        or not 1 <= prompts.shape[2] <= length
-        or prompts.shape[3] != h
-    ):
-        raise ValueError(
-            f"prompts must be [{model.num_blocks}, {b} or 1, 1..{length}, {h}] "
-            f"(num_blocks, batch, prompt length <= tokens, hidden), got {list(prompts.shape)}"
-        )
-    return _finite(prompts.detach().to(device="cpu", dtype=x.dtype).contiguous(), "prompts")
-
-
-def _finite(t: torch.Tensor, name: str) -> torch.Tensor:
-    """``t``, unless it holds NaN or infinities: the caller's bad input is no server's fault."""
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} holds NaN or infinite values (as {t.dtype})")
-    return t
+    return checked_prompts(
+        prompts,
+        num_blocks=model.num_blocks,
+        batch=b,
+        max_length=length,
+        hidden_size=h,
+        dtype=x.dtype,
+    )
 
 
 def _row_slices(x: torch.Tensor, max_tokens: int) -> list[slice]:

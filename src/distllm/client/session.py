@@ -40,7 +40,7 @@ from distllm.client.generation import SamplingParams, generate_text
 from distllm.client.history import History
 from distllm.client.hop import Hop, HopState
 from distllm.client.planner import RouteHop
-from distllm.client.tensors import TORCH_DTYPES, from_wire, ids_to_wire, to_wire
+from distllm.client.tensors import TORCH_DTYPES, checked_prompts, from_wire, ids_to_wire, to_wire
 from distllm.client.watchdog import StepWatch
 from distllm.protocol.span_messages import METHOD_INFO, InferenceOpen, SpanInfo, SpanInfoRequest
 
@@ -223,22 +223,14 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
         return output.to(hidden.dtype)
 
     def _checked_prompts(self, prompts: torch.Tensor) -> torch.Tensor:
-        shape = (self.model.num_blocks, self.model.hidden_size)
-        if (
-            prompts.dim() != 4
-            or (prompts.shape[0], prompts.shape[3]) != shape
-            or prompts.shape[1] not in (1, self.batch_size)
-            or not 1 <= prompts.shape[2] <= self.max_length
-        ):
-            raise ValueError(
-                f"prompts must be [{shape[0]}, {self.batch_size} or 1, 1..{self.max_length}, "
-                f"{shape[1]}], got {list(prompts.shape)}"
-            )
-        dtype = TORCH_DTYPES[self._config.activation_dtype]
-        copy = prompts.detach().to(dtype, copy=True).contiguous()
-        if not torch.isfinite(copy).all():
-            raise ValueError("prompts hold NaN or infinite values")
-        return copy
+        return checked_prompts(
+            prompts,
+            num_blocks=self.model.num_blocks,
+            batch=self.batch_size,
+            max_length=self.max_length,
+            hidden_size=self.model.hidden_size,
+            dtype=TORCH_DTYPES[self._config.activation_dtype],
+        )
 
     def _hop_prompts(self, hop: Hop, start: int) -> WireTensor | None:
         """Hop's slice of the deep prompts, if a step from ``start`` reaches them."""
