@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -157,3 +158,6 @@ def test_decoding_over_scattered_and_consecutive_pages_agree(
                     span.step(cache, [StepInput("other", torch.randn(2, 64), t)])
                 outputs.append(span.step(cache, [StepInput("s", x[t : t + 1], t)])[0])
             torch.testing.assert_close(torch.cat(outputs), expected, atol=1e-5, rtol=1e-4)
+            pages = cache.manager.pages("s")
+            consecutive = all(b == a + 1 for a, b in itertools.pairwise(pages))
+            assert consecutive is not scattered  # both reading paths were taken
