@@ -15,6 +15,7 @@ __all__ = [
     "SpanRequestError",
     "UnknownAdapter",
     "UnknownForward",
+    "UnknownSession",
     "WrongSpan",
 ]
 
@@ -41,3 +42,7 @@ class UnknownAdapter(SpanRequestError):
 
 class UnknownForward(SpanRequestError):
     """A backward names a ``forward_id`` this server never saw from the caller."""
+
+
+class UnknownSession(SpanRequestError):
+    """A relayed step names an inference session this server does not hold."""

@@ -8,6 +8,9 @@ Methods (``docs/protocol.md`` §8):
   closes the session.
 * ``span.forward`` (unary): :class:`ForwardRequest` -> :class:`ForwardResponse`.
 * ``span.backward`` (unary): :class:`BackwardRequest` -> :class:`BackwardResponse`.
+* ``span.relay`` (stream, server to server): :class:`RelayOpen`, then any number of
+  :class:`InferenceStep`; nothing comes back. A server whose step carries ``relay`` targets
+  sends its output straight on as the next server's step (see :class:`RelayTarget`).
 
 Hidden states are ``[batch, tokens, hidden_size]`` in an activation dtype
 (:data:`ACTIVATION_DTYPES`). Deep prompts are ``[num_blocks, batch or 1, prompt_length,
@@ -34,6 +37,7 @@ __all__ = [
     "METHOD_FORWARD",
     "METHOD_INFERENCE",
     "METHOD_INFO",
+    "METHOD_RELAY",
     "BackwardRequest",
     "BackwardResponse",
     "ForwardRequest",
@@ -42,6 +46,8 @@ __all__ = [
     "InferenceOpened",
     "InferenceOutput",
     "InferenceStep",
+    "RelayOpen",
+    "RelayTarget",
     "SpanInfo",
     "SpanInfoRequest",
 ]
@@ -50,6 +56,7 @@ METHOD_INFO: Final = "span.info"
 METHOD_INFERENCE: Final = "span.inference"
 METHOD_FORWARD: Final = "span.forward"
 METHOD_BACKWARD: Final = "span.backward"
+METHOD_RELAY: Final = "span.relay"
 
 #: dtypes hidden states, prompts and gradients may travel in.
 ACTIVATION_DTYPES: Final[tuple[str, ...]] = ("float32", "bfloat16", "float16")
@@ -59,6 +66,10 @@ MAX_MODEL_NAME: Final = 256
 MAX_SESSION_ID: Final = 64
 #: Length of a caller's forward id (a forward whose autograd graph a backward may reuse).
 MAX_FORWARD_ID: Final = 32
+#: Most servers a step may be relayed through after the one it is sent to.
+MAX_RELAY_TARGETS: Final = 64
+#: Longest peer address in a relay target.
+MAX_RELAY_ADDRESS: Final = 512
 #: Adapter names: 1..64 characters of letters, digits, ``_``, ``-`` and ``.``.
 ADAPTER_NAME: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
@@ -87,6 +98,15 @@ def _check_adapter(adapter: str | None) -> None:
     )
 
 
+def _check_session_id(session_id: bytes) -> None:
+    _check(
+        0 < len(session_id) <= MAX_SESSION_ID,
+        "session_id",
+        f"1..{MAX_SESSION_ID} bytes",
+        session_id,
+    )
+
+
 def _check_forward_id(forward_id: bytes | None) -> None:
     _check(
         forward_id is None or 0 < len(forward_id) <= MAX_FORWARD_ID,
@@ -109,7 +129,14 @@ def _check_codec(compression: str | None, dtype: str) -> None:
 @message("span.info.request")
 @dataclass(frozen=True, slots=True)
 class SpanInfoRequest:
-    """Ask a server what it holds and how loaded it is."""
+    """Ask a server what it holds and how loaded it is; with ``session_id``, also how far that
+    inference session got (a client waiting for a relayed step asks whether it arrived)."""
+
+    session_id: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.session_id is not None:
+            _check_session_id(self.session_id)
 
 
 @message("span.info")
@@ -135,6 +162,9 @@ class SpanInfo:
     inference_rps: float | None  # measured throughput (tokens/s per block), None: unknown
     forward_rps: float | None
     adapters: tuple[str, ...] = ()  # names of the LoRA adapters it loaded
+    #: With a request's ``session_id``: the id of the last step that session received (sent
+    #: or relayed; -1: none yet); ``None``: no such session here, or none asked about.
+    session_step: int | None = None
 
 
 @message("span.inference.open")
@@ -157,12 +187,7 @@ class InferenceOpen:
         _check_adapter(self.adapter)
         _check(self.max_length >= 1, "max_length", ">= 1", self.max_length)
         _check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
-        _check(
-            0 < len(self.session_id) <= MAX_SESSION_ID,
-            "session_id",
-            f"1..{MAX_SESSION_ID} bytes",
-            self.session_id,
-        )
+        _check_session_id(self.session_id)
         _check_dtype("dtype", self.dtype)
         _check_codec(self.compression, self.dtype)
 
@@ -179,6 +204,54 @@ class InferenceOpened:
     num_blocks: int
     dtype: str  # activation dtype, as asked
     compression: str  # the codec the outputs will use
+
+
+@message("span.relay.target")
+@dataclass(frozen=True, slots=True)
+class RelayTarget:
+    """The next server a step's output goes to, as that server's step (``span.relay``).
+
+    The relaying server sends its full output as the ``hidden`` of an :class:`InferenceStep`
+    with the step's own ``start_from_position``, ``hypo_ids`` and ``padding``, this target's
+    ``step_id``, ``prompts`` and ``output_tail``, and the step's remaining targets -- to the
+    session ``session_id`` of the server at ``address``, which computes it as if its caller
+    had sent it, and answers its caller as usual. Relayed steps must have increasing
+    ``step_id``s: one whose id is not above the last step the session received is stale and
+    dropped.
+    """
+
+    address: str  # the next server's peer address (``distllm://<peer-id>@host:port``)
+    session_id: bytes  # the caller's session there
+    step_id: int
+    prompts: WireTensor | None = None  # that span's deep prompts
+    output_tail: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            0 < len(self.address) <= MAX_RELAY_ADDRESS,
+            "address",
+            f"1..{MAX_RELAY_ADDRESS} characters",
+            self.address[:80],
+        )
+        _check_session_id(self.session_id)
+        _check(self.step_id >= 0, "step_id", ">= 0", self.step_id)
+        _check(
+            self.output_tail is None or self.output_tail >= 0,
+            "output_tail",
+            "None or >= 0",
+            self.output_tail,
+        )
+
+
+@message("span.relay.open")
+@dataclass(frozen=True, slots=True)
+class RelayOpen:
+    """First message of a ``span.relay`` stream: the session its steps are for."""
+
+    session_id: bytes
+
+    def __post_init__(self) -> None:
+        _check_session_id(self.session_id)
 
 
 @message("span.inference.step")
@@ -205,6 +278,8 @@ class InferenceStep:
     #: Outputs of only each row's last ``output_tail`` new tokens come back (0: none, e.g. a
     #: replay that only rebuilds the cache); ``None``: all of them.
     output_tail: int | None = None
+    #: Servers the output goes on to, first one first (:class:`RelayTarget`); empty: none.
+    relay: tuple[RelayTarget, ...] = ()
 
     def __post_init__(self) -> None:
         _check(
@@ -226,6 +301,19 @@ class InferenceStep:
             "None or a non-empty tuple of counts >= 0",
             self.padding,
         )
+        _check(
+            len(self.relay) <= MAX_RELAY_TARGETS,
+            "relay",
+            f"at most {MAX_RELAY_TARGETS} targets",
+            len(self.relay),
+        )
+        # A relayed output goes on whole: it is the next span's input.
+        _check(
+            not self.relay or self.output_tail is None,
+            "output_tail",
+            "None in a step with relay targets",
+            self.output_tail,
+        )
 
 
 @message("span.inference.output")
@@ -236,6 +324,9 @@ class InferenceOutput:
     hidden: WireTensor
     position: int  # the session's position after the step
     step_id: int
+    #: For a step with ``relay`` targets: ``True`` once the output went to the first one,
+    #: ``False`` if it could not (the caller sends that step itself); ``None``: no targets.
+    relayed: bool | None = None
 
 
 @message("span.forward.request")
