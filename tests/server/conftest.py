@@ -160,9 +160,12 @@ class SpanClient:
         model: str = MODEL,
         start: int = 0,
         end: int = BLOCKS,
+        session_id: bytes | None = None,
     ) -> AsyncIterator[Session]:
+        """A session of blocks ``[start, end)``; ``session_id`` defaults to a fresh one."""
         async with self.rpc.open_stream(self.server, METHOD_INFERENCE, timeout=60) as stream:
-            session_id = b"test-%d" % next(_ids)
+            if session_id is None:
+                session_id = b"test-%d" % next(_ids)
             await stream.send(
                 InferenceOpen(
                     model, start, end, max_length, batch_size, session_id, dtype, compression
@@ -173,9 +176,9 @@ class SpanClient:
             params = SessionParams(max_length, batch_size, dtype, SpanShape(end - start, HIDDEN))
             yield Session(stream, SpanSession(params), opened, dtype)
 
-    async def info(self) -> SpanInfo:
+    async def info(self, session_id: bytes | None = None) -> SpanInfo:
         return await self.rpc.call(
-            self.server, METHOD_INFO, SpanInfoRequest(), response_type=SpanInfo
+            self.server, METHOD_INFO, SpanInfoRequest(session_id), response_type=SpanInfo
         )
 
     async def forward(

@@ -72,6 +72,10 @@ class ServerConfig:
     #: Most seconds a step or request may take to be computed (queueing included), and to be
     #: sent back; beyond, the call fails with ``DeadlineExceeded``.
     step_timeout: float = 30.0
+    #: Most seconds a server may spend relaying a step's output to the next server (opening
+    #: the ``span.relay`` stream, when needed, and sending the step); beyond, it gives up and
+    #: answers ``relayed=False`` (the client then sends that step itself).
+    relay_timeout: float = 0.5
     #: torch threads of the compute thread's operations; ``None`` leaves torch's default.
     num_threads: int | None = None
     #: Codec of outputs when a client asks for none in particular.
@@ -141,6 +145,7 @@ class ServerConfig:
             self.session_idle_timeout,
         )
         _require(self.step_timeout > 0, "step_timeout", "> 0", self.step_timeout)
+        _require(self.relay_timeout > 0, "relay_timeout", "> 0", self.relay_timeout)
         _require(
             self.num_threads is None or self.num_threads >= 1,
             "num_threads",
