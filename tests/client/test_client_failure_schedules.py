@@ -8,7 +8,10 @@ A schedule says which hop of the session fails before which step, and how:
 - ``leave``: the server shuts down cleanly (its sessions end with ``Busy``);
 - ``busy``: the server refuses the step with ``Busy``;
 - ``stall``: the server hangs beyond the client's ``step_timeout``;
-- ``partition``: the network between client and server is cut for a moment (0.3 s).
+- ``partition``: the network between client and server is cut for a moment (0.3 s): with
+  relay on, a server may have relayed its output on before its answer to the client is lost;
+- ``relay_cut``: the server cannot reach the other servers for a moment (0.3 s), the client can:
+  relayed steps to and from it are lost.
 
 The first two remove a server for good, so a schedule removes at most one per span.
 """
@@ -36,7 +39,7 @@ pytestmark = pytest.mark.anyio
 PROMPT = torch.tensor([[5, 17, 33, 40, 9, 61]])
 NEW_TOKENS = 6
 SPANS = [(0, 2), (0, 2), (2, 4), (2, 4)]
-KINDS = ("black_hole", "leave", "busy", "stall", "partition")
+KINDS = ("black_hole", "leave", "busy", "stall", "partition", "relay_cut")
 CONFIG = dataclasses.replace(FAST, step_timeout=0.4, failover_timeout=4.0)
 TRANSPORT = TransportConfig(keepalive_interval=0.05, dead_peer_timeout=0.25)
 
@@ -83,6 +86,10 @@ async def _inject(h: Harness, peer: Any, kind: str, tg: anyio.abc.TaskGroup) -> 
         h.swarm.stop(h.server_index(peer))
     elif kind == "partition":
         h.swarm.network.partition([h.client.peer_id], [peer])
+        tg.start_soon(_heal_after, h, 0.3)
+    elif kind == "relay_cut":
+        servers = [s.peer_id for s in h.swarm.servers if s.peer_id != peer]
+        h.swarm.network.partition([peer], servers)
         tg.start_soon(_heal_after, h, 0.3)
     else:
         _patch_next_step(h, peer, kind)

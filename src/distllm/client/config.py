@@ -86,6 +86,11 @@ class ClientConfig:
     #: probes (only ``step_timeout`` and the transport detect failures).
     suspect_after: float | None = 0.1
     probe_timeout: float = 0.2
+    #: Inference steps go from server to server (``span.relay``): each server sends its
+    #: output straight on to the next one and answers the client too (its outputs stay the
+    #: history failover replays), which takes a client round trip per hop off every token.
+    #: Steps that reorder rows (``hypo_ids``) and compressed activations go hop by hop.
+    relay: bool = True
     #: Cost model of the route planner (hop overhead, penalty for servers short of cache).
     costs: RouteCosts = DEFAULT_COSTS
     #: Settings of the client's RPC endpoint and DHT node (by default its lookups ask every

@@ -48,5 +48,7 @@ class SessionStats:
     tokens: int = 0  # new tokens per row over those steps
     failovers: int = 0  # hops replaced after a failure
     replayed_tokens: int = 0  # positions (per row) replayed to replacement servers
+    relayed_steps: int = 0  # hop steps that came from the previous server (``span.relay``)
+    lost_relays: int = 0  # relayed steps that did not arrive (the client sent them itself)
     #: Seconds from each failure to the end of the step it interrupted (recovery included).
     recovery_seconds: list[float] = field(default_factory=list)

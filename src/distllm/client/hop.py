@@ -2,9 +2,15 @@
 
 The stream is held open by a task of the session's task group (:meth:`Hop.run`), so hops can be
 opened, replaced and closed in any order without nesting their cancel scopes; the session task
-itself sends the steps and waits for the outputs (:meth:`Hop.step`), each under its own
-deadline. Closing sends end-of-stream (the server ends the session and frees its pages);
-aborting resets the stream (the same, without the goodbye).
+itself sends the steps and waits for the outputs (:meth:`Hop.send`, :meth:`Hop.receive`), each
+under its own deadline. Closing sends end-of-stream (the server ends the session and frees its
+pages); aborting resets the stream (the same, without the goodbye).
+
+A step may also reach the server *relayed* by the previous hop's server (``span.relay``):
+:meth:`Hop.expect_relay` books it as sent and names the target for the step that carries it.
+If it never comes (or the chain broke before it), :meth:`Hop.drop_relay` forgets it: its id
+turns stale -- an output of it, should the server compute it after all, is skipped -- and the
+next step, which always names its start position, rolls the server back if needed.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from distllm.protocol.span_messages import (
     InferenceOpened,
     InferenceOutput,
     InferenceStep,
+    RelayTarget,
 )
 from distllm.protocol.span_session import SessionParams, SpanSession
 from distllm.rpc import RpcEndpoint, RpcStream
@@ -46,6 +53,7 @@ def make_step(
     step_id: int,
     prompts: WireTensor | None = None,
     output_tail: int | None = None,
+    relay: Sequence[RelayTarget] = (),
 ) -> InferenceStep:
     return InferenceStep(
         hidden,
@@ -55,6 +63,7 @@ def make_step(
         step_id,
         None if padding is None else tuple(padding),
         output_tail,
+        tuple(relay),
     )
 
 
@@ -82,6 +91,12 @@ class Hop:
         self._scope: anyio.CancelScope | None = None
         self._closing = anyio.Event()
         self._step_ids = itertools.count()
+        #: Id of the step booked by :meth:`expect_relay` and not answered yet.
+        self.relay_pending: int | None = None
+        #: Probes that found the pending relayed step not arrived yet (this step).
+        self.relay_misses = 0
+        #: Steps given up on whose outputs may still come: skipped when they do.
+        self._stale: set[int] = set()
 
     def successor(self) -> Hop:
         """A new hop to the same server carrying the same history (after our own failure)."""
@@ -149,27 +164,82 @@ class Hop:
         prompts: WireTensor | None = None,
         output_tail: int | None = None,
     ) -> WireTensor:
-        """Send one step, return the span's outputs. The caller bounds it with a deadline; if
-        it fails or is interrupted, the hop is unusable (abort it). ``prompts``: this span's
-        deep prompts ``[span_blocks, b or 1, P, h]``; ``output_tail``: only
-        each row's last outputs (see :class:`InferenceStep`)."""
-        stream, machine = self._stream, self._machine
-        if self.state is not HopState.OPEN or stream is None or machine is None:
-            raise RemoteProtocolError(f"the session at {self.route.peer!r} is not open")
+        """Send one step and return the span's outputs (see :meth:`send`, :meth:`receive`)."""
+        await self.send(hidden, start, hypo_ids, padding, prompts, output_tail)
+        output, _ = await self.receive()
+        return output
+
+    async def send(
+        self,
+        hidden: WireTensor,
+        start: int,
+        hypo_ids: WireTensor | None = None,
+        padding: Sequence[int] | None = None,
+        prompts: WireTensor | None = None,
+        output_tail: int | None = None,
+        relay: Sequence[RelayTarget] = (),
+    ) -> None:
+        """Send one step. The caller bounds it (and :meth:`receive`) with a deadline; if it
+        fails or is interrupted, the hop is unusable (abort it). ``prompts``: this span's deep
+        prompts ``[span_blocks, b or 1, P, h]``; ``output_tail``: only each row's last
+        outputs (see :class:`InferenceStep`); ``relay``: where the server sends its output on
+        (the targets' hops booked with :meth:`expect_relay`)."""
+        stream, machine = self._open_parts()
         step = make_step(
-            hidden, start, hypo_ids, padding, next(self._step_ids), prompts, output_tail
+            hidden, start, hypo_ids, padding, next(self._step_ids), prompts, output_tail, relay
         )
         machine.send_step(step)  # our own rule check: LocalProtocolError is a bug
         await stream.send(step)
-        try:
-            output = await stream.receive_as(InferenceOutput)
-        except anyio.EndOfStream:
-            machine.fail()
-            raise RemoteProtocolError(
-                f"{self.route.peer!r} ended the session in the middle of a step"
-            ) from None
+
+    def expect_relay(
+        self,
+        like: WireTensor,
+        start: int,
+        hypo_ids: WireTensor | None,
+        padding: Sequence[int] | None,
+        prompts: WireTensor | None,
+        session_id: bytes,
+    ) -> RelayTarget:
+        """Book the step the previous hop's server will relay here (its input shaped like
+        ``like``) as sent; the target that step must name."""
+        _, machine = self._open_parts()
+        step_id = next(self._step_ids)
+        machine.send_step(make_step(like, start, hypo_ids, padding, step_id, prompts))
+        self.relay_pending = step_id
+        self.relay_misses = 0
+        return RelayTarget(str(self.route.address), session_id, step_id, prompts)
+
+    def drop_relay(self) -> None:
+        """Stop waiting for the relayed step booked here, if any (see the module doc)."""
+        if self.relay_pending is None or self._machine is None:
+            return
+        self._machine.abandon()
+        self._stale.add(self.relay_pending)
+        self.relay_pending = None
+
+    async def receive(self) -> tuple[WireTensor, bool | None]:
+        """The outputs of the step in flight, and whether the server relayed them on."""
+        stream, machine = self._open_parts()
+        while True:
+            try:
+                output = await stream.receive_as(InferenceOutput)
+            except anyio.EndOfStream:
+                machine.fail()
+                raise RemoteProtocolError(
+                    f"{self.route.peer!r} ended the session in the middle of a step"
+                ) from None
+            if output.step_id not in self._stale:
+                break
+            self._stale.discard(output.step_id)  # a step given up on, computed after all
         machine.receive_output(output)
-        return output.hidden
+        self.relay_pending = None
+        return output.hidden, output.relayed
+
+    def _open_parts(self) -> tuple[RpcStream, SpanSession]:
+        stream, machine = self._stream, self._machine
+        if self.state is not HopState.OPEN or stream is None or machine is None:
+            raise RemoteProtocolError(f"the session at {self.route.peer!r} is not open")
+        return stream, machine
 
     def close(self) -> None:
         """End the session cleanly (end-of-stream), in the background."""

@@ -18,6 +18,16 @@ peer, the server's error):
 After ``max_retries`` failovers within one step it gives up with :class:`RouteFailedError`
 (or ``NoRouteError`` when no server holds the blocks). A step interrupted by cancellation
 leaves the session usable: the hop it was waiting on is reopened and replayed on the next step.
+
+With ``ClientConfig.relay`` a step is sent to the first hop only, naming the open hops after it
+as relay targets: each server sends its output straight on to the next one, and answers the
+client as well, so the client still records every hop's inputs. The client waits for each
+hop's output in turn. When the chain breaks -- a server fails, says it could not relay
+(``relayed=False``), or is found by a probe never to have received its step (``StepLost``) --
+the hops after the break forget the relayed step (:meth:`Hop.drop_relay`) and get it from the
+client instead; every step names its start position, so a server that did compute the dropped
+step rolls back and computes it again from the same inputs. Steps that reorder rows go hop by
+hop (a reorder cannot be rolled back), and so do compressed activations.
 """
 
 from __future__ import annotations
@@ -41,8 +51,15 @@ from distllm.client.history import History
 from distllm.client.hop import Hop, HopState
 from distllm.client.planner import RouteHop
 from distllm.client.tensors import TORCH_DTYPES, checked_prompts, from_wire, ids_to_wire, to_wire
-from distllm.client.watchdog import StepWatch
-from distllm.protocol.span_messages import METHOD_INFO, InferenceOpen, SpanInfo, SpanInfoRequest
+from distllm.client.watchdog import StepLost, StepWatch
+from distllm.errors import RemoteProtocolError
+from distllm.protocol.span_messages import (
+    METHOD_INFO,
+    InferenceOpen,
+    RelayTarget,
+    SpanInfo,
+    SpanInfoRequest,
+)
 
 if TYPE_CHECKING:
     from distllm.client.model import RemoteModel
@@ -51,6 +68,10 @@ if TYPE_CHECKING:
 __all__ = ["InferenceSession"]
 
 logger = logging.getLogger("distllm.client")
+
+#: Lost relays a session tolerates before it stops relaying (the servers cannot reach each
+#: other, or one drops relayed steps): each costs a probe interval or two.
+_MAX_LOST_RELAYS = 3
 
 
 class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
@@ -106,6 +127,8 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
             lambda hop: repr(hop.route.peer),
         )
         self._watch_scope: anyio.CancelScope | None = None  # made on entry (in the event loop)
+        #: Server-to-server relay, unless the servers proved unable to relay to each other.
+        self._relay = self._config.relay and self._config.compression in (None, "none")
         #: Tokens sampled by ``generate`` and not yet fed through the swarm (continuations).
         self.pending_ids: torch.Tensor | None = None
 
@@ -306,6 +329,7 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
         # Hops that took this step, by first block: their history before it, and their input
         # (a failover that must re-route them too starts over from there).
         done: dict[int, tuple[History, torch.Tensor]] = {}
+        relay = self._relay and hypo is None
         with anyio.CancelScope() as scope:
             recovery = Recovery(scope, config.failover_timeout, self.model.name)
             i = 0
@@ -315,11 +339,20 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
                     x = from_wire(wire)  # what the server sees, hence what a replay must send
                 try:
                     hop = await self._ready(i)
+                    came_relayed = hop.relay_pending is not None
                     with anyio.fail_after(config.step_timeout), self._watch.watching(hop):
-                        out = await hop.step(
-                            wire, start, hypo_wire, padding, self._hop_prompts(hop, start)
-                        )
+                        if not came_relayed:  # not on its way from the previous hop: send it
+                            targets = self._relay_targets(i, wire, start, padding) if relay else []
+                            prompts = self._hop_prompts(hop, start)
+                            await hop.send(wire, start, hypo_wire, padding, prompts, relay=targets)
+                        out, relayed = await hop.receive()
+                except StepLost as exc:  # alive, but its relayed step never came: send it
+                    logger.debug("relayed step lost at hop %d: %s", i, exc)
+                    self._drop_relays(i)
+                    self._lost_relay()
+                    continue
                 except Exception as exc:
+                    self._drop_relays(i + 1)  # the chain broke here
                     if not is_hop_failure(exc):
                         self._reset(i, exc)
                         raise
@@ -328,8 +361,13 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
                         i, x = first, done[self._hops[first].route.start][1]
                     continue
                 except BaseException as exc:  # cancelled: the hop's stream is in an unknown state
+                    self._drop_relays(i + 1)
                     self._reset(i, exc)
                     raise
+                self.stats.relayed_steps += came_relayed
+                if relayed is False:  # the next server never got it from this one
+                    self._drop_relays(i + 1)
+                    self._lost_relay()
                 self._router.on_success(hop.route.peer)
                 assert hop.history is not None  # set before its replay
                 done[hop.route.start] = (hop.history.copy(), x)
@@ -345,14 +383,52 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
         return max(self._config.probe_timeout, 4 * self._router.view.rtt(hop.route.peer))
 
     async def _probe(self, hop: Hop) -> None:
-        """One liveness probe of ``hop``'s server (see :mod:`distllm.client.watchdog`)."""
-        await self.model.rpc.call(
+        """One liveness probe of ``hop``'s server (see :mod:`distllm.client.watchdog`); for a
+        hop waiting for a relayed step, also whether that step arrived."""
+        pending = hop.relay_pending
+        info = await self.model.rpc.call(
             hop.route.address,
             METHOD_INFO,
-            SpanInfoRequest(),
+            SpanInfoRequest(None if pending is None else self._session_id),
             timeout=self._probe_timeout(hop),
             response_type=SpanInfo,
         )
+        if pending is None or hop.relay_pending != pending:
+            return
+        if info.session_step is None:
+            raise RemoteProtocolError(f"{hop.route.peer!r} no longer holds our session")
+        if info.session_step < pending:
+            # Twice, so that a relay slower than a probe is not taken for a lost one.
+            hop.relay_misses += 1
+            if hop.relay_misses >= 2:
+                raise StepLost(f"{hop.route.peer!r} never got step {pending} relayed to it")
+
+    def _relay_targets(
+        self, i: int, like: WireTensor, start: int, padding: Sequence[int] | None
+    ) -> list[RelayTarget]:
+        """Book the step as relayed to the open hops after hop ``i`` (up to the first one that
+        must first be opened or replayed); their targets, in order."""
+        targets = []
+        for hop in self._hops[i + 1 :]:
+            if hop.state is not HopState.OPEN or hop.needs_replay or hop.history is None:
+                break
+            prompts = self._hop_prompts(hop, start)
+            targets.append(hop.expect_relay(like, start, None, padding, prompts, self._session_id))
+        return targets
+
+    def _drop_relays(self, first: int) -> None:
+        """Hops from ``first`` on stop waiting for relayed steps (the chain broke before)."""
+        for hop in self._hops[first:]:
+            hop.drop_relay()
+
+    def _lost_relay(self) -> None:
+        self.stats.lost_relays += 1
+        if self._relay and self.stats.lost_relays >= _MAX_LOST_RELAYS:
+            self._relay = False
+            logger.warning(
+                "%d relayed steps were lost: this session now sends every hop its steps itself",
+                self.stats.lost_relays,
+            )
 
     async def _ready(self, i: int) -> Hop:
         """Hop ``i``, opened and replayed (a replacement) -- or the failure that prevents it."""

@@ -10,6 +10,9 @@ that does not answer within its probe timeout is declared unresponsive and the s
 abandoned, so failover starts a few hundred milliseconds after a death instead of after the
 keep-alive timeout.
 
+A probe may also find the server alive but sure never to answer: it raises :class:`StepLost`
+(a relayed step that never arrived), and the step is abandoned with that error as is.
+
 One :class:`StepWatch` per session watches its step in flight from a task of its own: starting
 and ending a step costs two assignments (no task per step), and the watcher sleeps on an event
 while the session is idle.
@@ -27,7 +30,7 @@ import anyio.abc
 
 from distllm.errors import DistllmError
 
-__all__ = ["StepWatch", "Unresponsive"]
+__all__ = ["StepLost", "StepWatch", "Unresponsive"]
 
 Target = TypeVar("Target")
 
@@ -36,13 +39,18 @@ class Unresponsive(DistllmError):
     """A server kept a step waiting and did not answer a liveness probe in time."""
 
 
+class StepLost(DistllmError):
+    """A probe found the server alive but without the step (it never got it): no answer will
+    come, and nobody is to blame for it yet."""
+
+
 @dataclass(eq=False)
 class _InFlight(Generic[Target]):
     target: Target
     scope: anyio.CancelScope
     due: float  # when to probe next
     interval: float  # the wait before that probe; doubles after each answered probe
-    failure: Unresponsive | None = field(default=None)
+    failure: DistllmError | None = field(default=None)
 
 
 class StepWatch(Generic[Target]):
@@ -124,11 +132,15 @@ class StepWatch(Generic[Target]):
             if self._flight is not flight:  # the step ended meanwhile: nothing to abandon
                 return
             waited = anyio.current_time() - began
-            error = Unresponsive(
-                f"{self._describe(flight.target)} did not answer a liveness probe within "
-                f"{timeout:g} s ({waited:.2f} s; {type(exc).__name__})"
-            )
-            error.__cause__ = exc
+            error: DistllmError
+            if isinstance(exc, StepLost):
+                error = exc
+            else:
+                error = Unresponsive(
+                    f"{self._describe(flight.target)} did not answer a liveness probe within "
+                    f"{timeout:g} s ({waited:.2f} s; {type(exc).__name__})"
+                )
+                error.__cause__ = exc
             flight.failure = error
             flight.scope.cancel()
             self._flight = None  # the cancelled step leaves the watch at once

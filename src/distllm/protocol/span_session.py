@@ -173,6 +173,14 @@ class SpanSession:
         self.padding = plan.padding
         self._in_flight = None
 
+    def abandon(self) -> StepPlan | None:
+        """Give up waiting for the step in flight (a relayed step that may never come, or come
+        too late to matter): the position stays where it was, so the next step must say where
+        it starts -- a rollback if the server did compute the abandoned one. Returns it."""
+        plan = self._in_flight
+        self._in_flight = None
+        return plan
+
     # -- either side --------------------------------------------------------------------------
 
     def fail(self) -> None:
