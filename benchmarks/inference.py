@@ -5,7 +5,9 @@ processes talking QUIC over loopback (plus a standby server for the middle span)
 same model in local ``transformers``:
 
 * decode tokens/s (batch 1, greedy) after a 128- and a 1024-token context, and the ratio
-  distributed / local;
+  distributed / local -- with server-to-server relay (the default: each server sends its output
+  straight on to the next one) and hop by hop (the client forwards every hop's output, as
+  Petals does);
 * failover: the server computing the middle span is killed (SIGKILL) mid-generation at a
   1024-token context; recovery is the time from the kill to the next token (the session bans
   it, reroutes to the standby, replays the 1024 positions there, and carries on).
@@ -16,8 +18,10 @@ shortened (``GOMP_SPINCOUNT=50000``): all of them share this machine's 2 cores, 
 spinning after its matmuls takes a core from the one computing next. Local ``transformers``
 runs alone, in this process, with libgomp's defaults (which suit it best).
 
-    python benchmarks/inference.py            # full run
-    python benchmarks/inference.py --quick    # < 120 s
+    python benchmarks/inference.py                # full run
+    python benchmarks/inference.py --quick        # < 120 s
+    python benchmarks/inference.py --delay-ms 10  # every datagram 10 ms late (userspace
+                                                  # netem: benchmarks/udp_delay)
 
 Prints a table; asserts nothing.
 """
@@ -30,6 +34,7 @@ import multiprocessing
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,16 +51,24 @@ from distllm.client import Client, ClientConfig
 from distllm.config import TransportConfig
 from distllm.model.resolve import DEFAULT_MODEL, resolve_model
 
+#: The delay in ms, set for the re-run of this script with delayed UDP (``udp_delay/``).
+_DELAY_ENV = "DISTLLM_BENCH_UDP_DELAY_MS"
+
 
 @dataclass
 class Decode:
     context: int
     local: float  # tokens/s
-    distributed: float
+    distributed: float  # with server-to-server relay
+    hop_by_hop: float  # without
 
     @property
     def ratio(self) -> float:
         return self.distributed / self.local
+
+    @property
+    def hop_by_hop_ratio(self) -> float:
+        return self.hop_by_hop / self.local
 
 
 @dataclass
@@ -95,6 +108,13 @@ def parse_args() -> argparse.Namespace:
         " they then slow each other down)",
     )
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    parser.add_argument(
+        "--delay-ms",
+        type=float,
+        default=0.0,
+        help="one-way delay of every UDP datagram between the processes (each process sends"
+        " its datagrams this late: benchmarks/udp_delay, a userspace netem)",
+    )
     args = parser.parse_args()
     args.tokens = args.tokens or (24 if args.quick else 64)
     args.repeats = args.repeats or (1 if args.quick else 3)
@@ -196,43 +216,55 @@ def local_rates(args: argparse.Namespace, local: Any) -> dict[int, float]:
 
 async def run_client(
     args: argparse.Namespace, path: Path, peers: list[str], servers: dict[str, int]
-) -> tuple[dict[int, float], Failover]:
-    """Best distributed decode rate per context, then the failover measurement."""
+) -> tuple[dict[int, float], dict[int, float], Failover]:
+    """Best distributed decode rate per context, with relay and hop by hop; then the failover
+    measurement (with relay, the default)."""
     transport = TransportConfig(
         keepalive_interval=min(0.5, args.dead_peer_timeout / 4),
         dead_peer_timeout=args.dead_peer_timeout,
     )
-    config = ClientConfig(step_timeout=30.0, suspect_after=args.suspect_after)
-    async with Client(peers, transport_config=transport, config=config) as client:
-        remote = await client.model(path)
+    configs = {
+        relay: ClientConfig(step_timeout=30.0, suspect_after=args.suspect_after, relay=relay)
+        for relay in (True, False)
+    }
+    rates: dict[bool, dict[int, float]] = {True: {}, False: {}}
+    async with (
+        Client(peers, transport_config=transport, config=configs[True]) as relaying,
+        Client(peers, transport_config=transport, config=configs[False]) as hop_by_hop,
+    ):
+        remotes = {True: await relaying.model(path), False: await hop_by_hop.model(path)}
         for context in args.contexts:  # warm up: connections, allocators, kernels
-            await distributed_decode_rate(remote, context, 8)
-        rates = {}
+            for remote in remotes.values():
+                await distributed_decode_rate(remote, context, 8)
         for context in args.contexts:
-            runs = [
-                await distributed_decode_rate(remote, context, args.tokens)
-                for _ in range(args.repeats)
-            ]
-            rates[context] = max(runs)
+            runs: dict[bool, list[float]] = {True: [], False: []}
+            for _ in range(args.repeats):  # interleaved: drifts in machine speed hit both
+                for relay, remote in remotes.items():
+                    runs[relay].append(await distributed_decode_rate(remote, context, args.tokens))
+            for relay in remotes:
+                rates[relay][context] = max(runs[relay])
+        config = configs[True]
         detection = (
-            f"liveness probes after {config.suspect_after:g} s (timeout {config.probe_timeout:g}"
-            f" s), QUIC dead-peer timeout {args.dead_peer_timeout:g} s"
+            f"liveness probes after {config.suspect_after:g} s (timeout"
+            f" {config.probe_timeout:g} s), QUIC dead-peer timeout {args.dead_peer_timeout:g} s"
         )
-        result = await failover(remote, servers, max(args.contexts), detection)
-        return rates, result
+        result = await failover(remotes[True], servers, max(args.contexts), detection)
+    return rates[True], rates[False], result
 
 
 def client_process(
     args: argparse.Namespace, path: Path, peers: list[str], servers: dict[str, int]
-) -> tuple[dict[int, float], dict[str, Any]]:
+) -> tuple[dict[int, float], dict[int, float], dict[str, Any]]:
     """The client, in a process of its own (started with the co-located OpenMP settings)."""
-    rates, fail = anyio.run(partial(run_client, args, path, peers, servers), backend=args.backend)
-    return rates, dataclasses.asdict(fail)
+    relayed, hop_by_hop, fail = anyio.run(
+        partial(run_client, args, path, peers, servers), backend=args.backend
+    )
+    return relayed, hop_by_hop, dataclasses.asdict(fail)
 
 
 def run_client_process(
     args: argparse.Namespace, path: Path, swarm: LoopbackSwarm
-) -> tuple[dict[int, float], Failover]:
+) -> tuple[dict[int, float], dict[int, float], Failover]:
     """Run :func:`client_process` in a new process whose OpenMP workers spin briefly, as the
     servers' do: a client's matmuls (the LM head) are followed by waiting on the network, and
     a long spin there takes a core from the server computing the next hop (about 5 ms a token
@@ -243,18 +275,31 @@ def run_client_process(
     os.environ.update(env)  # a spawned process takes the environment of this moment
     try:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            rates, fail = pool.apply(client_process, (args, path, swarm.initial_peers, servers))
+            relayed, hop_by_hop, fail = pool.apply(
+                client_process, (args, path, swarm.initial_peers, servers)
+            )
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    return rates, Failover(**fail)
+    return relayed, hop_by_hop, Failover(**fail)
+
+
+def run_with_delay(args: argparse.Namespace) -> int:
+    """Run this script again with every UDP datagram of every process delayed by
+    ``--delay-ms`` (``benchmarks/udp_delay``: a userspace netem; a round trip takes twice it)."""
+    here = Path(__file__).resolve().parent / "udp_delay"
+    path = os.pathsep.join(p for p in (str(here), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, _DELAY_ENV: f"{args.delay_ms:g}"}
+    return subprocess.run([sys.executable, *sys.argv], env=env, check=False).returncode
 
 
 def main() -> int:
     args = parse_args()
+    if args.delay_ms and not os.environ.get(_DELAY_ENV):
+        return run_with_delay(args)
     started = time.perf_counter()
     model = resolve_model(DEFAULT_MODEL)
     from distllm.model import load_config
@@ -278,9 +323,11 @@ def main() -> int:
         # Local runs before and after the distributed ones, best kept: load from other
         # processes on this machine during either does not decide the ratio.
         before = local_rates(args, local)
-        rates, fail = run_client_process(args, model.path, swarm)
+        relayed, hop_by_hop, fail = run_client_process(args, model.path, swarm)
         after = local_rates(args, local)
-    decodes = [Decode(c, max(before[c], after[c]), rates[c]) for c in args.contexts]
+    decodes = [
+        Decode(c, max(before[c], after[c]), relayed[c], hop_by_hop[c]) for c in args.contexts
+    ]
     report(args, model.name, num_blocks, spans, decodes, fail, time.perf_counter() - started)
     return 0
 
@@ -300,12 +347,21 @@ def report(
         f" {args.repeats} (best); servers {layout} + standby, {args.threads} threads each"
         f"; client in its own process; servers and client"
         f" {'with the default OpenMP spin' if args.default_omp_spin else 'GOMP_SPINCOUNT=50000'};"
-        f" local: {torch.get_num_threads()} threads, default spin\n"
+        f" local: {torch.get_num_threads()} threads, default spin"
+        + (f"; every datagram delayed {args.delay_ms:g} ms" if args.delay_ms else "")
+        + "\n"
     )
-    print("| context | local tok/s | distributed tok/s | ratio |")
-    print("|---:|---:|---:|---:|")
+    print(
+        "| context | local tok/s | distributed tok/s (relay) | ratio |"
+        " hop by hop tok/s | ratio | relay speed-up |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for d in decodes:
-        print(f"| {d.context} | {d.local:.1f} | {d.distributed:.1f} | {d.ratio:.2f} |")
+        print(
+            f"| {d.context} | {d.local:.1f} | {d.distributed:.1f} | {d.ratio:.2f} |"
+            f" {d.hop_by_hop:.1f} | {d.hop_by_hop_ratio:.2f} |"
+            f" {d.distributed / d.hop_by_hop:.2f}x |"
+        )
     if fail is not None:
         print(
             f"\nfailover at a {fail.context}-token context ({fail.detection}): server killed"
