@@ -12,11 +12,13 @@ import torch
 from client_harness import FAST, hf_greedy, swarm_client, tiny_model
 from test_client_failover import stall_next_step
 
+from distllm.client.autograd import traced_forward
 from distllm.client.events import HopFailed
 from distllm.client.generation import SamplingParams, generate_ids
-from distllm.client.watchdog import StepWatch, Unresponsive
+from distllm.client.watchdog import StepWatch, Unresponsive, watched_call
 from distllm.config import TransportConfig
 from distllm.errors import PeerGone
+from distllm.protocol.span_messages import ForwardRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -181,3 +183,88 @@ async def test_a_busy_server_is_waited_for(root: Path):
         assert not [e for e in session.events if isinstance(e, HopFailed)]
         assert busy in {hop.peer for hop in route}
         await h.assert_clean()
+
+
+# -- remote forward and backward calls: watched one by one (watched_call) ---------------------
+
+
+async def test_watched_call_waits_for_a_live_server_and_abandons_a_dead_one():
+    probes = Probes()
+
+    async def slow() -> str:
+        await anyio.sleep(0.35)
+        return "done"
+
+    assert await watched_call(slow, probes, suspect_after=0.05, probe_timeout=0.1, describe="s")
+    assert 2 <= probes.calls <= 3  # the interval doubles
+
+    cancelled = anyio.Event()
+
+    async def forever() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    began = anyio.current_time()
+    with pytest.raises(Unresponsive, match="server s") as caught:
+        await watched_call(
+            forever, Probes(fail_at=2), suspect_after=0.05, probe_timeout=0.1, describe="server s"
+        )
+    assert anyio.current_time() - began < 0.5 and cancelled.is_set()
+    assert isinstance(caught.value.__cause__, PeerGone)
+    with pytest.raises(Unresponsive) as caught:  # a probe that hangs
+        await watched_call(
+            forever, Probes(hang=True), suspect_after=0.05, probe_timeout=0.1, describe="s"
+        )
+    assert isinstance(caught.value.__cause__, TimeoutError)
+
+
+async def test_watched_call_leaves_the_calls_errors_unwrapped():
+    async def gone() -> None:
+        raise PeerGone("gone")
+
+    for suspect_after in (0.05, None):
+        probes = Probes()
+        with pytest.raises(PeerGone):
+            await watched_call(
+                gone, probes, suspect_after=suspect_after, probe_timeout=0.1, describe="s"
+            )
+        assert probes.calls == 0
+
+
+async def test_a_forward_to_a_vanished_server_fails_over_long_before_the_transport_notices(
+    root: Path,
+):
+    """The server a forward goes to vanishes while computing it: the probes find it out and the
+    forward is redone on the other server of its blocks (the transport would take 5 s)."""
+    path = tiny_model("llama", root)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3))
+    async with swarm_client(
+        path, [(0, 2), (0, 2), (2, 4)], config=PROBED, transport_config=SLOW_TRANSPORT
+    ) as h:
+        expected, _ = await traced_forward(h.model, x)
+        victims: list[Any] = []
+        for server in h.swarm.servers[:2]:  # whichever of the two gets the next forward
+            compute = server.server.compute
+
+            async def train(
+                request: Any,
+                *args: Any,
+                _run: Any = compute.train,
+                _who: Any = server.peer_id,
+                **kwargs: Any,
+            ) -> Any:
+                if not victims and isinstance(request, ForwardRequest):
+                    victims.append(_who)
+                    h.black_hole(_who)
+                    await anyio.sleep_forever()
+                return await _run(request, *args, **kwargs)
+
+            compute.train = train  # type: ignore[method-assign]
+        began = anyio.current_time()
+        output, _ = await traced_forward(h.model, x)
+        elapsed = anyio.current_time() - began
+        assert torch.equal(output, expected)
+        assert h.model.router.bans.failures(victims[0]) == 1
+        assert elapsed < 1.5  # suspicion 0.1 s + probe 0.2 s + the forward again

@@ -37,14 +37,18 @@ import torch
 from distllm.client.failures import RouteFailedError, check_adapter, is_hop_failure
 from distllm.client.planner import RouteHop
 from distllm.client.tensors import TORCH_DTYPES, checked_prompts, finite, from_wire, to_wire
+from distllm.client.watchdog import watched_call
 from distllm.errors import LimitExceeded, RemoteError, RemoteProtocolError
 from distllm.protocol.span_messages import (
     METHOD_BACKWARD,
     METHOD_FORWARD,
+    METHOD_INFO,
     BackwardRequest,
     BackwardResponse,
     ForwardRequest,
     ForwardResponse,
+    SpanInfo,
+    SpanInfoRequest,
 )
 
 if TYPE_CHECKING:
@@ -60,6 +64,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 #: Bytes of a fresh ``forward_id``.
 _FORWARD_ID_BYTES = 16
@@ -348,14 +353,42 @@ async def _call_forward(
         adapter,
         call.forward_id,
     )
-    response = await model.rpc.call(
-        hop.address,
-        METHOD_FORWARD,
-        request,
-        timeout=config.step_timeout,
-        response_type=ForwardResponse,
+    response = await _watched(
+        model,
+        hop,
+        functools.partial(
+            model.rpc.call,
+            hop.address,
+            METHOD_FORWARD,
+            request,
+            timeout=config.step_timeout,
+            response_type=ForwardResponse,
+        ),
     )
     return call, _checked(from_wire(response.hidden), call.inputs, hop, "forward")
+
+
+async def _watched(model: RemoteModel, hop: RouteHop, call: Callable[[], Awaitable[R]]) -> R:
+    """``call()`` to ``hop``'s server, which is probed if it keeps the call waiting: a vanished
+    server fails the call in a few hundred milliseconds, not after the transport's dead-peer
+    timeout (see :mod:`distllm.client.watchdog`)."""
+    config = model.client_config
+    rtt = model.router.view.rtt(hop.peer)
+    probe_timeout = max(config.probe_timeout, 4 * rtt)
+    return await watched_call(
+        call,
+        functools.partial(
+            model.rpc.call,
+            hop.address,
+            METHOD_INFO,
+            SpanInfoRequest(),
+            timeout=probe_timeout,
+            response_type=SpanInfo,
+        ),
+        suspect_after=config.suspect_after,
+        probe_timeout=probe_timeout,
+        describe=repr(hop.peer),
+    )
 
 
 async def _call_backward(
@@ -392,12 +425,17 @@ async def _request_backward(
         adapter,
         forward_id,
     )
-    response = await model.rpc.call(
-        hop.address,
-        METHOD_BACKWARD,
-        request,
-        timeout=config.step_timeout,
-        response_type=BackwardResponse,
+    response = await _watched(
+        model,
+        hop,
+        functools.partial(
+            model.rpc.call,
+            hop.address,
+            METHOD_BACKWARD,
+            request,
+            timeout=config.step_timeout,
+            response_type=BackwardResponse,
+        ),
     )
     grad_inputs = _checked(from_wire(response.grad_inputs), call.inputs, hop, "backward")
     if call.prompts is None:

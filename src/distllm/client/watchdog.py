@@ -13,6 +13,10 @@ keep-alive timeout.
 A probe may also find the server alive but sure never to answer: it raises :class:`StepLost`
 (a relayed step that never arrived), and the step is abandoned with that error as is.
 
+Remote forward and backward calls, which a client may run several at a time, are watched one
+by one instead: :func:`watched_call` runs a call next to a task of its own that probes the same
+way (a task per call costs little next to a call that moves a batch of activations).
+
 One :class:`StepWatch` per session watches its step in flight from a task of its own: starting
 and ending a step costs two assignments (no task per step), and the watcher sleeps on an event
 while the session is idle.
@@ -30,9 +34,10 @@ import anyio.abc
 
 from distllm.errors import DistllmError
 
-__all__ = ["StepLost", "StepWatch", "Unresponsive"]
+__all__ = ["StepLost", "StepWatch", "Unresponsive", "watched_call"]
 
 Target = TypeVar("Target")
+T = TypeVar("T")
 
 
 class Unresponsive(DistllmError):
@@ -147,3 +152,54 @@ class StepWatch(Generic[Target]):
             return
         flight.interval *= 2
         flight.due = anyio.current_time() + flight.interval
+
+
+async def watched_call(
+    call: Callable[[], Awaitable[T]],
+    probe: Callable[[], Awaitable[object]],
+    *,
+    suspect_after: float | None,
+    probe_timeout: float,
+    describe: str,
+) -> T:
+    """``await call()``, probing its server (``probe()``) after ``suspect_after`` seconds
+    without an answer and then after each doubled interval; a probe that fails or takes over
+    ``probe_timeout`` cancels the call and raises :class:`Unresponsive`."""
+    if suspect_after is None:
+        return await call()
+    failure: BaseException | None = None  # held: a task group would wrap it in a group
+    outcome: list[T] = []
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal failure
+            interval = suspect_after
+            while True:
+                await anyio.sleep(interval)
+                began = anyio.current_time()
+                try:
+                    with anyio.fail_after(probe_timeout):
+                        await probe()
+                except Exception as exc:
+                    waited = anyio.current_time() - began
+                    failure = Unresponsive(
+                        f"{describe} did not answer a liveness probe within {probe_timeout:g} s "
+                        f"({waited:.2f} s; {type(exc).__name__})"
+                    )
+                    failure.__cause__ = exc
+                    tg.cancel_scope.cancel()
+                    return
+                interval *= 2
+
+        tg.start_soon(watch)
+        try:
+            outcome.append(await call())
+        except Exception as exc:
+            failure = failure or exc
+        finally:
+            tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if not outcome:  # cancelled from outside: the cancellation propagates from the group
+        raise RuntimeError("watched_call ended without an outcome")  # pragma: no cover
+    return outcome[0]
