@@ -133,12 +133,10 @@ async def traced_forward(
     x = _activations(model, hidden)
     p = _deep_prompts(model, prompts, x)
     runs = [
-        functools.partial(
-            _forward_part, model, rows, x[rows], _rows_of(p, rows), adapter, keep_graph
-        )
+        functools.partial(_forward_fitting, model, rows, x, p, adapter, keep_graph)
         for rows in _row_slices(x, model.client_config.max_forward_tokens)
     ]
-    results = await _concurrently(runs)
+    results = [part for parts in await _concurrently(runs) for part in parts]
     output = torch.cat([y for _, y in results]) if len(results) > 1 else results[0][1]
     trace = ForwardTrace(
         adapter=adapter,
@@ -197,6 +195,34 @@ async def _forward_part(
         )
     budget.check()
     return SubBatch(rows, tuple(calls)), y
+
+
+async def _forward_fitting(
+    model: RemoteModel,
+    rows: slice,
+    x: torch.Tensor,
+    prompts: torch.Tensor | None,
+    adapter: str | None,
+    keep_graph: bool,
+) -> list[tuple[SubBatch, torch.Tensor]]:
+    """Rows ``rows`` of ``x`` (and of ``prompts``) through every block, as one sub-batch -- or,
+    while a server finds the request too large (``LimitExceeded``: its ``max_request_tokens``,
+    which servers do not announce), as two halves, recursively. A single row too large for the
+    servers raises ``LimitExceeded``; nobody is banned for it."""
+    try:
+        return [
+            await _forward_part(model, rows, x[rows], _rows_of(prompts, rows), adapter, keep_graph)
+        ]
+    except LimitExceeded:
+        if rows.stop - rows.start < 2:
+            raise
+    middle = (rows.start + rows.stop) // 2
+    first = await _forward_fitting(
+        model, slice(rows.start, middle), x, prompts, adapter, keep_graph
+    )
+    return first + await _forward_fitting(
+        model, slice(middle, rows.stop), x, prompts, adapter, keep_graph
+    )
 
 
 async def _backward_part(
@@ -460,7 +486,7 @@ def _checked(result: torch.Tensor, like: torch.Tensor, hop: RouteHop, what: str)
 
 def _hop_failure(exc: BaseException) -> bool:
     """A failure to route around -- but not ``LimitExceeded``: a request too large for a server
-    is the caller's to shrink (``ClientConfig.max_forward_tokens``), not the server's fault."""
+    is the caller's to shrink (:func:`_forward_fitting` halves it), not the server's fault."""
     return is_hop_failure(exc) and not isinstance(exc, LimitExceeded)
 
 
