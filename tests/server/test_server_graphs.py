@@ -84,6 +84,24 @@ async def test_forward_ids_belong_to_their_caller(serve: Callable[..., Any]) -> 
 
 
 @pytest.mark.anyio
+async def test_the_graphs_of_a_caller_that_left_are_dropped(serve: Callable[..., Any]) -> None:
+    x = torch.randn(1, 4, HIDDEN)
+    async with serve("llama", clients=2) as harness:
+        alice, bob = harness.clients
+        graphs = harness.server.backend.graphs
+        await alice.forward(x, forward_id=b"a")
+        await bob.forward(x, forward_id=b"b")
+        assert graphs is not None and len(graphs) == 2  # kept for 60 s (the default TTL)
+        server = harness.endpoints[0].peer_id
+        await harness.endpoints[1].transport.disconnect(server)  # alice leaves
+        # within the owner check interval (1 s) plus a thread call; bob's graph stays
+        await eventually(lambda: len(graphs) == 1, within=5.0)
+        assert graphs.callers() == {harness.endpoints[2].peer_id}
+        await bob.backward(x, torch.randn(1, 4, HIDDEN), forward_id=b"b")
+        assert len(graphs) == 0
+
+
+@pytest.mark.anyio
 async def test_a_backward_unlike_its_forward_is_refused(
     serve: Callable[..., Any], checkpoint: Callable[[str], Path], tmp_path: Path
 ) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -346,6 +346,16 @@ class SpanBackend:
 
     def next_graph_expiry(self) -> float | None:
         return None if self.graphs is None else self.graphs.next_expiry()
+
+    def graph_callers(self) -> set[Hashable]:
+        """Callers whose forward graphs are kept."""
+        return set() if self.graphs is None else self.graphs.callers()
+
+    def drop_graphs_of(self, callers: Iterable[Hashable]) -> None:
+        """Drop the kept graphs of ``callers`` (gone: their backwards will never come)."""
+        if self.graphs is not None:
+            for caller in callers:
+                self.graphs.drop_caller(caller)
 
     def drop_graphs(self) -> None:
         """Drop every kept graph (the server stops)."""

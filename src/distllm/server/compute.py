@@ -13,7 +13,9 @@ waits up to ``batch_window`` for them before taking a batch, so that they run to
 The KV cache is only ever touched on the compute thread: closing a session queues a release
 that the next thread call applies before its batch. So are kept forward graphs: every thread call
 first drops those past their time to live, and an idle loop wakes up to do so when the oldest
-expires.
+expires. Graphs of a caller that is no longer connected are dropped too (its backwards will
+never come): while graphs are kept, the loop checks their callers' connections at most every
+:data:`OWNER_CHECK_INTERVAL` seconds.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Final
 
 import anyio
 import anyio.abc
@@ -42,12 +45,14 @@ from distllm.server.jobs import InferenceJob, Job, TrainingJob
 from distllm.server.scheduler import Batch, BatchScheduler, Chunk
 from distllm.wire.tensors import WireTensor
 
-__all__ = ["ComputeLoop", "ComputeStats"]
+__all__ = ["OWNER_CHECK_INTERVAL", "ComputeLoop", "ComputeStats"]
 
 logger = logging.getLogger("distllm.server")
 
 #: ``retry_after`` suggested to callers whose work is dropped because the server stops.
 _SHUTDOWN_RETRY_AFTER = 1.0
+#: Seconds between checks that the callers whose forward graphs are kept are still connected.
+OWNER_CHECK_INTERVAL: Final = 1.0
 
 
 @dataclass
@@ -65,9 +70,17 @@ class ComputeLoop:
     """Schedules and runs the work of one span; start :meth:`run` in a task group."""
 
     def __init__(
-        self, backend: SpanBackend, config: ServerConfig, limiter: anyio.CapacityLimiter
+        self,
+        backend: SpanBackend,
+        config: ServerConfig,
+        limiter: anyio.CapacityLimiter,
+        is_connected: Callable[[Hashable], bool] | None = None,
     ) -> None:
+        """``is_connected(caller)``: whether a caller is still connected (``None``: kept graphs
+        are dropped by their time to live and the budget only)."""
         self._backend = backend
+        self._is_connected = is_connected
+        self._owners_checked = -math.inf
         self._config = config
         self._limiter = limiter
         self._scheduler = BatchScheduler(
@@ -191,16 +204,33 @@ class ComputeLoop:
                     job.fail(Busy("the server is shutting down", _SHUTDOWN_RETRY_AFTER))
 
     async def _idle(self) -> None:
-        """Wait for work; meanwhile drop kept graphs as they expire."""
+        """Wait for work; meanwhile drop kept graphs as they expire or their callers leave."""
         expiry = self._backend.next_graph_expiry()  # the thread is idle: safe to read
-        with anyio.move_on_at(math.inf if expiry is None else expiry):
+        wake = math.inf if expiry is None else expiry
+        if expiry is not None and self._is_connected is not None:
+            wake = min(wake, self._owners_checked + OWNER_CHECK_INTERVAL)
+        with anyio.move_on_at(wake):
             await self._wakeup.wait()
         if self._wakeup.is_set():
             self._wakeup = anyio.Event()
         elif expiry is not None:
-            await anyio.to_thread.run_sync(
-                self._backend.expire_graphs, anyio.current_time(), limiter=self._limiter
-            )
+            now = anyio.current_time()
+            gone = self._gone_owners(now)
+            await anyio.to_thread.run_sync(self._expire, now, gone, limiter=self._limiter)
+
+    def _gone_owners(self, now: float) -> set[Hashable]:
+        """Callers with kept graphs that are no longer connected (checked at most every
+        ``OWNER_CHECK_INTERVAL``; call only while the thread is idle)."""
+        if self._is_connected is None or now < self._owners_checked + OWNER_CHECK_INTERVAL:
+            return set()
+        self._owners_checked = now
+        is_connected = self._is_connected
+        return {c for c in self._backend.graph_callers() if not is_connected(c)}
+
+    def _expire(self, now: float, gone: set[Hashable]) -> None:
+        """On the compute thread: drop graphs past their time to live and of callers gone."""
+        self._backend.drop_graphs_of(gone)
+        self._backend.expire_graphs(now)
 
     async def _gather(self) -> None:
         """Give sessions that just got an output a moment to send their next step."""
@@ -219,8 +249,9 @@ class ComputeLoop:
         releases, self._releases = self._releases, []
         work = [] if batch is None else self._work_of(batch)
         now = anyio.current_time()
+        gone = self._gone_owners(now)  # the thread is idle: safe to read
         outcome = await anyio.to_thread.run_sync(
-            self._compute, releases, work, now, limiter=self._limiter
+            self._compute, releases, work, now, gone, limiter=self._limiter
         )
         self._deliver(work, outcome)
 
@@ -228,12 +259,17 @@ class ComputeLoop:
         return [(self._jobs[chunk.item.key], chunk) for chunk in batch.chunks]
 
     def _compute(
-        self, releases: list[Hashable], work: list[tuple[Job, Chunk]], now: float
+        self,
+        releases: list[Hashable],
+        work: list[tuple[Job, Chunk]],
+        now: float,
+        gone: set[Hashable],
     ) -> Outcome:
-        """On the compute thread: apply releases, drop expired graphs, compute the batch."""
+        """On the compute thread: apply releases, drop expired graphs (and those of callers
+        gone), compute the batch."""
         for session in releases:
             self._backend.release(session)
-        self._backend.expire_graphs(now)
+        self._expire(now, gone)
         if not work:
             return Outcome()
         first = work[0][0]

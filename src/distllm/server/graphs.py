@@ -187,6 +187,10 @@ class GraphStore:
         self.evicted += dropped
         return dropped
 
+    def callers(self) -> set[Hashable]:
+        """The callers whose graphs are kept."""
+        return {caller for caller, _ in self._graphs}
+
     def drop_caller(self, caller: Hashable) -> None:
         """Forget ``caller``'s graphs (and the ids it used)."""
         for key in [key for key in self._graphs if key[0] == caller]:

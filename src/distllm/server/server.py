@@ -23,6 +23,7 @@ import anyio
 import anyio.abc
 import torch
 
+from distllm.ids import PeerID
 from distllm.model import PagedKVCache, load_span
 from distllm.model.adapters import load_adapters
 from distllm.protocol.span_messages import SpanInfo
@@ -214,7 +215,16 @@ class Server:
         config = self.config
         cache = backend.cache
         self._backend = backend
-        self._compute = ComputeLoop(backend, config, limiter)
+        transport = self._rpc.transport
+        self._compute = ComputeLoop(
+            backend,
+            config,
+            limiter,
+            # Kept graphs of a caller that left are dropped (keyed by the caller's PeerID).
+            is_connected=lambda caller: (
+                isinstance(caller, PeerID) and transport.is_connected(caller)
+            ),
+        )
         self._sessions = SessionRegistry(
             config.max_sessions, cache.num_pages * cache.page_size, config.reserve_max_length
         )
