@@ -271,3 +271,28 @@ async def test_deep_prompts_are_replayed_to_a_replacement(root: Path):
             plain = await session.step(x)
         assert not torch.allclose(plain, expected[0], atol=1e-3)
         await h.assert_clean()
+
+
+async def test_per_row_deep_prompts_follow_row_reorders_into_a_replay(root: Path):
+    """Rows reordered by ``hypo_ids`` take their deep prompts along: a replacement rebuilding
+    the cache after the reorder gets each row's own prompts."""
+    path = tiny_model("llama", root)
+    generator = torch.Generator().manual_seed(5)
+    prompts = torch.randn(4, 2, 2, 64, generator=generator)  # [blocks, b=2, P=2, h]: per row
+    x = torch.randn(2, 4, 64, generator=generator)
+    steps = [torch.randn(2, 1, 64, generator=generator) for _ in range(3)]
+    swap = torch.tensor([1, 0])
+    async with swarm_client(path, [(0, 2), (2, 4), (2, 4)]) as h:
+        async with h.model.inference_session(max_length=16, batch_size=2) as session:
+            expected = [await session.step(x, prompts=prompts)]
+            expected.append(await session.step(steps[0], hypo_ids=swap))
+            expected += [await session.step(s) for s in steps[1:]]
+        async with h.model.inference_session(max_length=16, batch_size=2) as session:
+            got = [await session.step(x, prompts=prompts)]
+            got.append(await session.step(steps[0], hypo_ids=swap))
+            h.black_hole(session.route[1].peer)
+            got += [await session.step(s) for s in steps[1:]]
+            assert session.stats.failovers == 1 and session.stats.replayed_tokens == 5
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        await h.assert_clean()

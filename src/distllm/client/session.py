@@ -226,11 +226,15 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
         before block ``i``, ``prompts[i]`` is added at each row's first ``P`` positions (of its
         own sequence, after its padding). The session keeps them and sends each hop its slice
         with every step that reaches below position ``P``, replays included; new ones replace
-        them.
+        them. Per-row prompts follow their rows through ``hypo_ids`` reorders.
         """
         start, hypo = self._check_step(hidden, start_from_position, hypo_ids, padding)
         if prompts is not None:
             self._prompts = self._checked_prompts(prompts)
+        elif hypo is not None and self._prompts is not None and self._prompts.shape[1] > 1:
+            # Row i now continues row hypo[i]: so do its deep prompts (in this step, replays
+            # and rollbacks below P alike).
+            self._prompts = self._prompts[:, hypo].contiguous()
         if self._busy:
             raise RuntimeError("another step of this session is running: one at a time")
         self._busy = True
