@@ -296,3 +296,28 @@ async def test_per_row_deep_prompts_follow_row_reorders_into_a_replay(root: Path
         for a, b in zip(got, expected, strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
         await h.assert_clean()
+
+
+async def test_a_cancelled_step_that_reordered_rows_leaves_the_session_exact(root: Path):
+    """A reorder cannot be rolled back: the hops that took the cancelled step are rebuilt from
+    their history before it, and retrying the step gives the undisturbed outputs."""
+    path = tiny_model("llama", root)
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4, 64, generator=generator)
+    step = torch.randn(2, 1, 64, generator=generator)
+    swap = torch.tensor([1, 0])
+    async with swarm_client(path, [(0, 2), (2, 4)]) as h:
+        async with h.model.inference_session(max_length=16, batch_size=2) as twin:
+            expected = [await twin.step(x), await twin.step(step, hypo_ids=swap)]
+        async with h.model.inference_session(max_length=16, batch_size=2) as session:
+            first = await session.step(x)
+            stall_next_step(h, session.route[1].peer, 1.0)
+            with anyio.move_on_after(0.2) as scope:  # hop 0 takes the reorder, hop 1 stalls
+                await session.step(step, hypo_ids=swap)
+            assert scope.cancelled_caught and session.position == 4
+            second = await session.step(step, hypo_ids=swap)
+            assert session.stats.replayed_tokens == 8  # both hops rebuilt: 2 rows x 4
+            assert not h.model.router.banned()
+        torch.testing.assert_close(first, expected[0], atol=0, rtol=0)
+        torch.testing.assert_close(second, expected[1], atol=1e-5, rtol=1e-4)
+        await h.assert_clean()

@@ -359,6 +359,7 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
                     self._drop_relays(i + 1)  # the chain broke here
                     if not is_hop_failure(exc):
                         self._reset(i, exc)
+                        self._undo_reorders(hypo, done)
                         raise
                     first = await self._fail_over(i, exc, recovery, done)
                     if first < i:  # re-routed hops that had taken this step: redo them
@@ -367,6 +368,7 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
                 except BaseException as exc:  # cancelled: the hop's stream is in an unknown state
                     self._drop_relays(i + 1)
                     self._reset(i, exc)
+                    self._undo_reorders(hypo, done)
                     raise
                 self.stats.relayed_steps += came_relayed
                 if relayed is False:  # the next server never got it from this one
@@ -556,6 +558,19 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
         self.stats.failovers += 1
         self._emit(RouteChanged("failover", self.position, tuple(self.route)))
         return first
+
+    def _undo_reorders(
+        self, hypo: torch.Tensor | None, done: dict[int, tuple[History, torch.Tensor]]
+    ) -> None:
+        """A step that reordered rows was interrupted: the hops that took it cannot be rolled
+        back by the next step (a rollback forgets positions, not a reorder), so they are
+        reopened on the same servers and rebuilt from their history before it."""
+        if hypo is None:
+            return
+        for k, hop in enumerate(self._hops):
+            if hop.route.start in done and hop.state is not HopState.DONE:
+                hop.abort()
+                self._hops[k] = Hop(hop.route, done[hop.route.start][0], needs_replay=True)
 
     def _reset(self, i: int, error: BaseException) -> None:
         """Hop ``i`` was interrupted by us (not its server's fault): reopen it next step."""
