@@ -9,7 +9,8 @@ from pathlib import Path
 import anyio
 import pytest
 import torch
-from client_harness import FAST, Harness, hf_greedy, swarm_client, tiny_model
+from client_harness import FAST, hf_greedy, swarm_client, tiny_model
+from test_client_failover import stall_next_step
 
 from distllm.client.events import HopFailed
 from distllm.client.generation import SamplingParams, generate_ids
@@ -134,7 +135,7 @@ async def test_a_cancelled_relayed_step_leaves_the_session_exact(root: Path):
             expected = [await twin.step(hidden[:, :4]), await twin.step(hidden[:, 4:])]
         async with h.model.inference_session(max_length=16) as session:
             first = await session.step(hidden[:, :4])
-            _stall_next_step(h, session.route[2].peer, 1.0)
+            stall_next_step(h, session.route[2].peer, 1.0)
             with anyio.move_on_after(0.2) as scope:
                 await session.step(hidden[:, 4:])
             assert scope.cancelled_caught and session.position == 4
@@ -142,15 +143,3 @@ async def test_a_cancelled_relayed_step_leaves_the_session_exact(root: Path):
         assert torch.equal(first, expected[0])
         torch.testing.assert_close(second, expected[1], atol=1e-5, rtol=1e-4)
         await h.assert_clean()
-
-
-def _stall_next_step(h: Harness, peer: object, seconds: float) -> None:
-    compute = h.swarm.servers[h.server_index(peer)].server.compute
-    original = compute.infer
-
-    async def infer(*args: object, **kwargs: object) -> object:
-        compute.infer = original  # type: ignore[method-assign]
-        await anyio.sleep(seconds)
-        return await original(*args, **kwargs)  # type: ignore[arg-type]
-
-    compute.infer = infer  # type: ignore[method-assign]

@@ -379,38 +379,36 @@ async def _call_forward(
         adapter,
         call.forward_id,
     )
-    response = await _watched(
-        model,
-        hop,
-        functools.partial(
-            model.rpc.call,
-            hop.address,
-            METHOD_FORWARD,
-            request,
-            timeout=config.step_timeout,
-            response_type=ForwardResponse,
-        ),
-    )
+    response = await _watched_call(model, hop, METHOD_FORWARD, request, ForwardResponse)
     return call, _checked(from_wire(response.hidden), call.inputs, hop, "forward")
 
 
-async def _watched(model: RemoteModel, hop: RouteHop, call: Callable[[], Awaitable[R]]) -> R:
-    """``call()`` to ``hop``'s server, which is probed if it keeps the call waiting: a vanished
-    server fails the call in a few hundred milliseconds, not after the transport's dead-peer
-    timeout (see :mod:`distllm.client.watchdog`)."""
+async def _watched_call(
+    model: RemoteModel, hop: RouteHop, method: str, request: object, response_type: type[R]
+) -> R:
+    """``method(request)`` at ``hop``'s server within ``step_timeout``; the server is probed if
+    it keeps the call waiting, so that a vanished one fails the call in a few hundred
+    milliseconds, not after the transport's dead-peer timeout (:mod:`distllm.client.watchdog`)."""
     config = model.client_config
-    rtt = model.router.view.rtt(hop.peer)
-    probe_timeout = max(config.probe_timeout, 4 * rtt)
-    return await watched_call(
-        call,
-        functools.partial(
-            model.rpc.call,
+    probe_timeout = max(config.probe_timeout, 4 * model.router.view.rtt(hop.peer))
+
+    async def call() -> R:
+        return await model.rpc.call(
+            hop.address, method, request, timeout=config.step_timeout, response_type=response_type
+        )
+
+    async def probe() -> SpanInfo:
+        return await model.rpc.call(
             hop.address,
             METHOD_INFO,
             SpanInfoRequest(),
             timeout=probe_timeout,
             response_type=SpanInfo,
-        ),
+        )
+
+    return await watched_call(
+        call,
+        probe,
         suspect_after=config.suspect_after,
         probe_timeout=probe_timeout,
         describe=repr(hop.peer),
@@ -451,18 +449,7 @@ async def _request_backward(
         adapter,
         forward_id,
     )
-    response = await _watched(
-        model,
-        hop,
-        functools.partial(
-            model.rpc.call,
-            hop.address,
-            METHOD_BACKWARD,
-            request,
-            timeout=config.step_timeout,
-            response_type=BackwardResponse,
-        ),
-    )
+    response = await _watched_call(model, hop, METHOD_BACKWARD, request, BackwardResponse)
     grad_inputs = _checked(from_wire(response.grad_inputs), call.inputs, hop, "backward")
     if call.prompts is None:
         return grad_inputs, None

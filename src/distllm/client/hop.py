@@ -155,20 +155,6 @@ class Hop:
             opening.max_length, opening.batch_size, opening.dtype, SpanShape(span, hidden_size)
         )
 
-    async def step(
-        self,
-        hidden: WireTensor,
-        start: int,
-        hypo_ids: WireTensor | None = None,
-        padding: Sequence[int] | None = None,
-        prompts: WireTensor | None = None,
-        output_tail: int | None = None,
-    ) -> WireTensor:
-        """Send one step and return the span's outputs (see :meth:`send`, :meth:`receive`)."""
-        await self.send(hidden, start, hypo_ids, padding, prompts, output_tail)
-        output, _ = await self.receive()
-        return output
-
     async def send(
         self,
         hidden: WireTensor,

@@ -507,7 +507,7 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
             wanted = following is not None and following.history is None
             config = self._config
             with anyio.fail_after(config.step_timeout), self._watch.watching(hop):
-                out = await hop.step(
+                await hop.send(
                     to_wire(history.tensor(), config.activation_dtype),  # raw: exact
                     0,
                     None,
@@ -515,6 +515,7 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
                     self._hop_prompts(hop, 0),
                     None if wanted else 0,
                 )
+                out, _ = await hop.receive()
             self.stats.replayed_tokens += history.length
             if following is not None and following.history is None:
                 following.history = History([from_wire(out)])

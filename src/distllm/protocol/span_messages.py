@@ -107,6 +107,11 @@ def _check_session_id(session_id: bytes) -> None:
     )
 
 
+def _check_step(step_id: int, output_tail: int | None) -> None:
+    _check(step_id >= 0, "step_id", ">= 0", step_id)
+    _check(output_tail is None or output_tail >= 0, "output_tail", "None or >= 0", output_tail)
+
+
 def _check_forward_id(forward_id: bytes | None) -> None:
     _check(
         forward_id is None or 0 < len(forward_id) <= MAX_FORWARD_ID,
@@ -234,13 +239,7 @@ class RelayTarget:
             self.address[:80],
         )
         _check_session_id(self.session_id)
-        _check(self.step_id >= 0, "step_id", ">= 0", self.step_id)
-        _check(
-            self.output_tail is None or self.output_tail >= 0,
-            "output_tail",
-            "None or >= 0",
-            self.output_tail,
-        )
+        _check_step(self.step_id, self.output_tail)
 
 
 @message("span.relay.open")
@@ -288,13 +287,7 @@ class InferenceStep:
             "None or >= 0",
             self.start_from_position,
         )
-        _check(self.step_id >= 0, "step_id", ">= 0", self.step_id)
-        _check(
-            self.output_tail is None or self.output_tail >= 0,
-            "output_tail",
-            "None or >= 0",
-            self.output_tail,
-        )
+        _check_step(self.step_id, self.output_tail)
         _check(
             self.padding is None or (len(self.padding) > 0 and min(self.padding) >= 0),
             "padding",
