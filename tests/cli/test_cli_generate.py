@@ -52,6 +52,9 @@ def test_streams_what_transformers_generates(
     out, err = capsys.readouterr()
     assert out == _local(checkpoint, 12, do_sample=False) + "\n"
     assert "route:" in err and "tokens/s" in err
+    # hop by hop (servers relaying nothing to each other): the same text
+    assert main([*argv, "--max-new-tokens", "12", "--no-relay"]) == 0
+    assert capsys.readouterr().out == _local(checkpoint, 12, do_sample=False) + "\n"
 
     sampling = ["--temperature", "0.8", "--top-k", "20", "--seed", "11"]
     assert main([*argv, "--max-new-tokens", "12", *sampling]) == 0

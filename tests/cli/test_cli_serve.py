@@ -127,6 +127,18 @@ def test_serve_rejects_a_span_outside_the_model(tmp_path: Path) -> None:
     assert "not within the model's 4 blocks" in err.decode()
 
 
+def test_serve_rejects_a_relay_timeout_that_is_not_positive(tmp_path: Path) -> None:
+    model = make_tiny_model("llama", tmp_path / "tiny-llama")
+    peer = Identity.generate().peer_id
+    process = spawn(
+        "serve", str(model), "--initial-peers", f"distllm://{peer}@127.0.0.1:9",
+        "--relay-timeout", "0", "--no-measure",
+    )  # fmt: skip
+    _, err = process.communicate(timeout=STARTUP)
+    assert process.returncode == 2
+    assert "relay_timeout" in err.decode()
+
+
 def test_serve_rejects_an_unknown_model(tmp_path: Path) -> None:
     peer = Identity.generate().peer_id
     process = spawn(

@@ -42,6 +42,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="wrap the prompt in the tokenizer's chat template (instruct models)",
     )
+    parser.add_argument(
+        "--no-relay",
+        action="store_true",
+        help="send every server its steps from here instead of having each server pass its"
+        " output on to the next (for servers that cannot reach each other)",
+    )
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     parser.set_defaults(run=run)
 
@@ -91,9 +97,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace, peers: list[PeerAddress]) -> None:
-    from distllm.client import Client
+    from distllm.client import Client, ClientConfig
 
-    async with Client(peers) as client:
+    async with Client(peers, config=ClientConfig(relay=not args.no_relay)) as client:
         model = await client.model(args.model)
         prompt_ids = encode_prompt(model, args.prompt, chat=args.chat)
         await stream_answer(

@@ -82,6 +82,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="N",
         help="UDP datagram size with peers on this machine (16384)",
     )
+    parser.add_argument(
+        "--relay-timeout",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="longest wait to relay a step's output to the next server before the client is"
+        " told to send it itself (0.5)",
+    )
     parser.add_argument("--announce-period", type=float, default=30.0, metavar="SECONDS")
     parser.add_argument(
         "--rebalance-period",
@@ -163,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
                 cache_tokens=args.cache_tokens,
                 num_threads=args.num_threads,
                 adapters=tuple(args.adapters),
+                relay_timeout=args.relay_timeout,
                 **extra,
             ),
             options=SwarmServerOptions(
