@@ -465,3 +465,24 @@ async def test_sessions_are_found_by_the_callers_id() -> None:
     assert registry.find(b"b") is None
     for session in (older, newer):
         session.end()
+
+
+async def test_a_link_still_opening_is_kept_for_the_next_steps(route: MakeRoute) -> None:
+    """A far next server: opening the link (a span.info check, then the stream) takes longer
+    than relay_timeout. That step is answered relayed=False, and the link opens on for the
+    next ones instead of being torn down and retried every step."""
+    async with route(relay_timeout=0.1) as r, r.sessions(hops=2) as (first, second):
+        sender = r.server_rpcs[0].peer_id
+        r.network.set_latency(0.06, sender, r.server_rpcs[1].peer_id)
+        await first.stream.send(step(wire(torch.randn(1, 4, HIDDEN)), 0, relay=(r.target(1, 0),)))
+        out = await receive(first)
+        assert out.relayed is False  # still opening
+        await second.stream.send(step(out.hidden, 0))  # the client sends it itself
+        assert (await receive(second)).position == 4
+        await anyio.sleep(0.6)  # the link opens meanwhile
+        opened = r.network.stats(sender).streams_opened
+        await first.stream.send(step(wire(torch.randn(1, 1, HIDDEN)), 1, relay=(r.target(1, 1),)))
+        assert (await receive(first)).relayed is True
+        relayed = await receive(second)
+        assert (relayed.step_id, relayed.position) == (1, 5)
+        assert r.network.stats(sender).streams_opened == opened  # the same link

@@ -95,6 +95,9 @@ class Hop:
         self.relay_pending: int | None = None
         #: Probes that found the pending relayed step not arrived yet (this step).
         self.relay_misses = 0
+        #: Steps relayed here that did not arrive, in a row (the session stops relaying here
+        #: after a few: the server before cannot reach this one).
+        self.lost_relays = 0
         #: Steps given up on whose outputs may still come: skipped when they do.
         self._stale: set[int] = set()
 

@@ -69,8 +69,8 @@ __all__ = ["InferenceSession"]
 
 logger = logging.getLogger("distllm.client")
 
-#: Lost relays a session tolerates before it stops relaying (the servers cannot reach each
-#: other, or one drops relayed steps): each costs a probe interval or two.
+#: Relayed steps to one hop lost in a row before the session stops relaying to it (the server
+#: before it cannot reach it): each costs a probe interval or two, or a ``relay_timeout``.
 _MAX_LOST_RELAYS = 3
 
 
@@ -353,7 +353,7 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
                 except StepLost as exc:  # alive, but its relayed step never came: send it
                     logger.debug("relayed step lost at hop %d: %s", i, exc)
                     self._drop_relays(i)
-                    self._lost_relay()
+                    self._lost_relay(self._hops[i])
                     continue
                 except Exception as exc:
                     self._drop_relays(i + 1)  # the chain broke here
@@ -371,9 +371,11 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
                     self._undo_reorders(hypo, done)
                     raise
                 self.stats.relayed_steps += came_relayed
-                if relayed is False:  # the next server never got it from this one
+                if came_relayed:
+                    hop.lost_relays = 0
+                if relayed is False and i + 1 < len(self._hops):  # never got it from this one
                     self._drop_relays(i + 1)
-                    self._lost_relay()
+                    self._lost_relay(self._hops[i + 1])
                 self._router.on_success(hop.route.peer)
                 assert hop.history is not None  # set before its replay
                 done[hop.route.start] = (hop.history.copy(), x)
@@ -416,7 +418,12 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
         must first be opened or replayed); their targets, in order."""
         targets = []
         for hop in self._hops[i + 1 :]:
-            if hop.state is not HopState.OPEN or hop.needs_replay or hop.history is None:
+            if (
+                hop.state is not HopState.OPEN
+                or hop.needs_replay
+                or hop.history is None
+                or hop.lost_relays >= _MAX_LOST_RELAYS  # the server before it cannot reach it
+            ):
                 break
             prompts = self._hop_prompts(hop, start)
             targets.append(hop.expect_relay(like, start, None, padding, prompts, self._session_id))
@@ -427,13 +434,16 @@ class InferenceSession(AbstractAsyncContextManager["InferenceSession"]):
         for hop in self._hops[first:]:
             hop.drop_relay()
 
-    def _lost_relay(self) -> None:
+    def _lost_relay(self, hop: Hop) -> None:
+        """A step relayed to ``hop`` did not arrive."""
         self.stats.lost_relays += 1
-        if self._relay and self.stats.lost_relays >= _MAX_LOST_RELAYS:
-            self._relay = False
+        hop.lost_relays += 1
+        if hop.lost_relays == _MAX_LOST_RELAYS:
             logger.warning(
-                "%d relayed steps were lost: this session now sends every hop its steps itself",
-                self.stats.lost_relays,
+                "%d steps relayed to %r in a row were lost: the session sends it its steps"
+                " itself from now on",
+                hop.lost_relays,
+                hop.route.peer,
             )
 
     async def _ready(self, i: int) -> Hop:

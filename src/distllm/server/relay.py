@@ -38,11 +38,14 @@ from distllm.rpc import RpcEndpoint, RpcStream
 from distllm.transport.quic_socket import is_loopback
 from distllm.wire.tensors import WireTensor
 
-__all__ = ["RelayLink", "SessionRelay", "check_relay", "relayed_step"]
+__all__ = ["LINK_OPEN_TIMEOUT", "RelayLink", "SessionRelay", "check_relay", "relayed_step"]
 
 logger = logging.getLogger("distllm.server")
 
 _LinkKey = tuple[str, bytes]  # (address, session id) of the target
+
+#: Seconds a link may take to check its target session (one round trip to a far server).
+LINK_OPEN_TIMEOUT = 5.0
 
 
 def check_relay(step: InferenceStep) -> None:
@@ -85,6 +88,10 @@ class RelayLink:
         # No buffer: a step is handed over only when the link is ready to send it.
         self._steps_in, self._steps_out = anyio.create_memory_object_stream[InferenceStep]()
         self._acks_in, self._acks_out = anyio.create_memory_object_stream[None](1)
+        #: Set once the stream is open and ``RelayOpen`` sent: steps go out from then on.
+        self.ready = False
+        #: Set once a step gave up waiting for the link to open (later ones do not wait).
+        self.waited = False
         #: Set once :meth:`run` has ended: the link is of no more use.
         self.done = False
 
@@ -109,6 +116,7 @@ class RelayLink:
                 await self._check_session()
                 async with self._rpc.open_stream(self.address, METHOD_RELAY) as stream:
                     await stream.send(RelayOpen(self._session_id))
+                    self.ready = True
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(self._watch, stream, tg.cancel_scope)
                         async for step in self._steps_out:
@@ -125,7 +133,9 @@ class RelayLink:
             self.address,
             METHOD_INFO,
             SpanInfoRequest(self._session_id),
-            timeout=self._timeout,
+            # Not relay_timeout: a far server may take longer to check than a step may wait,
+            # and the link opens on in the background meanwhile.
+            timeout=max(self._timeout, LINK_OPEN_TIMEOUT),
             response_type=SpanInfo,
         )
         if info.session_step is None:
@@ -184,6 +194,8 @@ class SessionRelay:
             self._key = key
             self._task_group.start_soon(self._link.run)
         link = self._link
+        if link.waited and not link.ready:  # still opening: this step goes without waiting
+            return False
         with anyio.move_on_after(self._timeout):
             try:
                 await link.send(step)
@@ -196,6 +208,12 @@ class SessionRelay:
             step.step_id,
             target.address[:100],
         )
+        if not (link.ready or link.done):
+            # Still opening (a far server: a check and a handshake, round trips each): the
+            # step was not handed over. The link opens on meanwhile, for the next steps,
+            # which do not wait for it again.
+            link.waited = True
+            return False
         self.close()
         return False
 
