@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 import torch
-from client_harness import FAST, hf_greedy, swarm_client, tiny_model
+from client_harness import FAST, SERVER_CONFIG, hf_greedy, swarm_client, tiny_model
 from test_client_failover import stall_next_step
 
 from distllm.client.events import HopFailed
@@ -22,6 +22,9 @@ PROMPT = torch.tensor([[5, 17, 33, 40, 9, 61]])
 #: Three hops over the tiny Llama's 4 blocks.
 SPANS = [(0, 1), (1, 3), (3, 4)]
 HOP_BY_HOP = dataclasses.replace(FAST, relay=False)
+#: For tests that count relayed steps: links open however loaded the machine (a link still
+#: opening after relay_timeout would let a step go hop by hop).
+PATIENT = dataclasses.replace(SERVER_CONFIG, relay_timeout=1.5)
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +41,8 @@ async def test_relayed_steps_give_the_outputs_of_hop_by_hop_steps(root: Path):
     path = tiny_model("llama", root)
     outputs: dict[bool, list[torch.Tensor]] = {}
     for relay in (True, False):
-        async with swarm_client(path, SPANS, config=FAST if relay else HOP_BY_HOP) as h:
+        config = FAST if relay else HOP_BY_HOP
+        async with swarm_client(path, SPANS, config=config, server_config=PATIENT) as h:
             hidden = h.model.parts.embed(PROMPT)
             async with h.model.inference_session(max_length=16) as session:
                 outputs[relay] = [await session.step(hidden[:, :4])]
@@ -56,7 +60,7 @@ async def test_relayed_steps_give_the_outputs_of_hop_by_hop_steps(root: Path):
 async def test_relayed_generation_equals_transformers(root: Path):
     path = tiny_model("llama", root)
     expected = hf_greedy(path, PROMPT, 8)
-    async with swarm_client(path, SPANS) as h:
+    async with swarm_client(path, SPANS, server_config=PATIENT) as h:
         async with h.model.inference_session(max_length=32) as session:
             assert await _greedy(session, 8) == expected
             assert session.stats.relayed_steps == 2 * session.stats.steps
@@ -113,7 +117,7 @@ async def test_a_server_that_relayed_and_then_vanished_is_replaced_exactly(root:
 
 async def test_row_reorders_go_hop_by_hop(root: Path):
     path = tiny_model("llama", root)
-    async with swarm_client(path, SPANS) as h:
+    async with swarm_client(path, SPANS, server_config=PATIENT) as h:
         hidden = h.model.parts.embed(torch.tensor([[5, 17, 33], [40, 9, 61]]))
         async with h.model.inference_session(max_length=8, batch_size=2) as session:
             await session.step(hidden[:, :2])

@@ -24,6 +24,7 @@ while the session is idle.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -127,31 +128,41 @@ class StepWatch(Generic[Target]):
             await self._check(flight)
 
     async def _check(self, flight: _InFlight[Target]) -> None:
-        timeout = self._probe_timeout(flight.target)
         self.probes += 1
-        began = anyio.current_time()
-        try:
-            with anyio.fail_after(timeout):
-                await self._probe(flight.target)
-        except Exception as exc:
-            if self._flight is not flight:  # the step ended meanwhile: nothing to abandon
-                return
-            waited = anyio.current_time() - began
-            error: DistllmError
-            if isinstance(exc, StepLost):
-                error = exc
-            else:
-                error = Unresponsive(
-                    f"{self._describe(flight.target)} did not answer a liveness probe within "
-                    f"{timeout:g} s ({waited:.2f} s; {type(exc).__name__})"
-                )
-                error.__cause__ = exc
+        error = await _probe_once(
+            functools.partial(self._probe, flight.target),
+            self._probe_timeout(flight.target),
+            self._describe(flight.target),
+        )
+        if error is None:
+            flight.interval *= 2
+            flight.due = anyio.current_time() + flight.interval
+        elif self._flight is flight:  # (a step that ended meanwhile has nothing to abandon)
             flight.failure = error
             flight.scope.cancel()
             self._flight = None  # the cancelled step leaves the watch at once
-            return
-        flight.interval *= 2
-        flight.due = anyio.current_time() + flight.interval
+
+
+async def _probe_once(
+    probe: Callable[[], Awaitable[object]], probe_timeout: float, describe: str
+) -> DistllmError | None:
+    """One probe: ``None`` if the server answered in time; else why the step must be given up
+    (:class:`Unresponsive`, or the probe's own :class:`StepLost`)."""
+    began = anyio.current_time()
+    try:
+        with anyio.fail_after(probe_timeout):
+            await probe()
+    except StepLost as exc:
+        return exc
+    except Exception as exc:
+        waited = anyio.current_time() - began
+        error = Unresponsive(
+            f"{describe} did not answer a liveness probe within {probe_timeout:g} s "
+            f"({waited:.2f} s; {type(exc).__name__})"
+        )
+        error.__cause__ = exc
+        return error
+    return None
 
 
 async def watched_call(
@@ -176,17 +187,8 @@ async def watched_call(
             interval = suspect_after
             while True:
                 await anyio.sleep(interval)
-                began = anyio.current_time()
-                try:
-                    with anyio.fail_after(probe_timeout):
-                        await probe()
-                except Exception as exc:
-                    waited = anyio.current_time() - began
-                    failure = Unresponsive(
-                        f"{describe} did not answer a liveness probe within {probe_timeout:g} s "
-                        f"({waited:.2f} s; {type(exc).__name__})"
-                    )
-                    failure.__cause__ = exc
+                failure = await _probe_once(probe, probe_timeout, describe)
+                if failure is not None:
                     tg.cancel_scope.cancel()
                     return
                 interval *= 2

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import anyio
 
@@ -57,6 +58,8 @@ from distllm.wire.tensors import codecs_for
 __all__ = ["ServedSpan", "SpanHandlers"]
 
 logger = logging.getLogger("distllm.server")
+
+Opening = TypeVar("Opening", InferenceOpen, RelayOpen)
 
 #: ``retry_after`` suggested to callers of a server that is not serving (any more).
 _STOPPED_RETRY_AFTER = 5.0
@@ -155,19 +158,9 @@ class SpanHandlers:
     async def inference(self, stream: RpcStream) -> None:
         """One session: open, steps, and the caller's end of stream closes it."""
         self._require_serving()
-        config = self._config
-        opening: object = None
-        with anyio.move_on_after(config.session_idle_timeout):
-            try:
-                opening = await stream.receive()
-            except anyio.EndOfStream:
-                return
+        opening = await self._first_message(stream, METHOD_INFERENCE, InferenceOpen)
         if opening is None:
-            raise DeadlineExceeded(f"no {InferenceOpen.__name__} within the idle timeout")
-        if not isinstance(opening, InferenceOpen):
-            raise RemoteProtocolError(
-                f"{METHOD_INFERENCE} starts with InferenceOpen, not {type(opening).__name__}"
-            )
+            return
         self._require_serving()
         session = self._admit(opening, stream.remote_peer)
         logger.debug("%r opened: max_length %d", session, opening.max_length)
@@ -317,18 +310,9 @@ class SpanHandlers:
         with the session (or when the sender ends it); a step that breaks a rule fails the
         session, as the caller's own would."""
         self._require_serving()
-        opening: object = None
-        with anyio.move_on_after(self._config.session_idle_timeout):
-            try:
-                opening = await stream.receive()
-            except anyio.EndOfStream:
-                return
+        opening = await self._first_message(stream, METHOD_RELAY, RelayOpen)
         if opening is None:
-            raise DeadlineExceeded(f"no {RelayOpen.__name__} within the idle timeout")
-        if not isinstance(opening, RelayOpen):
-            raise RemoteProtocolError(
-                f"{METHOD_RELAY} starts with RelayOpen, not {type(opening).__name__}"
-            )
+            return
         self._require_serving()
         session = self._sessions.find(opening.session_id)
         if session is None:
@@ -346,6 +330,25 @@ class SpanHandlers:
                         return
             finally:
                 session.remove_relay(scope)
+
+    async def _first_message(
+        self, stream: RpcStream, method: str, expected: type[Opening]
+    ) -> Opening | None:
+        """The message a stream must start with, within the idle timeout; ``None`` if the
+        caller ended the stream first."""
+        opening: object = None
+        with anyio.move_on_after(self._config.session_idle_timeout):
+            try:
+                opening = await stream.receive()
+            except anyio.EndOfStream:
+                return None
+        if opening is None:
+            raise DeadlineExceeded(f"no {expected.__name__} within the idle timeout")
+        if not isinstance(opening, expected):
+            raise RemoteProtocolError(
+                f"{method} starts with {expected.__name__}, not {type(opening).__name__}"
+            )
+        return opening
 
     async def _send(self, stream: RpcStream, message: object) -> None:
         with anyio.move_on_after(self._config.step_timeout) as scope:
